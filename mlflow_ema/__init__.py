@@ -1,0 +1,74 @@
+"""mlflow-ema: exponential moving averages and checkpoint soups for MLflow-tracked PyTorch.
+
+The public API is exported here. Names resolve on first use, so that importing
+the package (as the ``mlflow-ema`` command does) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from mlflow_ema._version import __version__
+
+_EXPORTS = {
+    "EMA": "mlflow_ema.ema",
+    "unwrap_model": "mlflow_ema.ema",
+    "ConstantDecay": "mlflow_ema.schedules",
+    "WarmupDecay": "mlflow_ema.schedules",
+    "RampDecay": "mlflow_ema.schedules",
+    "HalfLifeDecay": "mlflow_ema.schedules",
+    "BiasCorrectedDecay": "mlflow_ema.schedules",
+    "Checkpoint": "mlflow_ema.checkpoint",
+    "Manifest": "mlflow_ema.checkpoint",
+    "save_checkpoint": "mlflow_ema.checkpoint",
+    "load_checkpoint": "mlflow_ema.checkpoint",
+    "read_manifest": "mlflow_ema.checkpoint",
+    "verify_checkpoint": "mlflow_ema.checkpoint",
+    "init_fingerprint": "mlflow_ema.checkpoint",
+    "MlflowEmaError": "mlflow_ema.errors",
+    "IncompatibleModelError": "mlflow_ema.errors",
+    "CheckpointError": "mlflow_ema.errors",
+    "ChecksumMismatchError": "mlflow_ema.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlflow_ema' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from mlflow_ema.checkpoint import (
+        Checkpoint,
+        Manifest,
+        init_fingerprint,
+        load_checkpoint,
+        read_manifest,
+        save_checkpoint,
+        verify_checkpoint,
+    )
+    from mlflow_ema.ema import EMA, unwrap_model
+    from mlflow_ema.errors import (
+        CheckpointError,
+        ChecksumMismatchError,
+        IncompatibleModelError,
+        MlflowEmaError,
+    )
+    from mlflow_ema.schedules import (
+        BiasCorrectedDecay,
+        ConstantDecay,
+        HalfLifeDecay,
+        RampDecay,
+        WarmupDecay,
+    )

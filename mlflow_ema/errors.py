@@ -1,0 +1,24 @@
+"""Exceptions raised by mlflow-ema.
+
+Every error a user can cause derives from :class:`MlflowEmaError`, so a caller
+(the CLI among them) can report it as one line and let genuine bugs surface as
+tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class MlflowEmaError(Exception):
+    """Base class of the errors mlflow-ema raises for bad input."""
+
+
+class IncompatibleModelError(MlflowEmaError, ValueError):
+    """A model, or saved EMA state, does not match the structure the EMA was built for."""
+
+
+class CheckpointError(MlflowEmaError):
+    """A checkpoint is missing, corrupt, truncated or of an unknown format."""
+
+
+class ChecksumMismatchError(CheckpointError):
+    """A checkpoint file's sha256 differs from the one its manifest records."""
