@@ -32,7 +32,27 @@ _EXPORTS = {
     "ChecksumMismatchError": "mlflow_ema.errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "EMA",
+    "BiasCorrectedDecay",
+    "Checkpoint",
+    "CheckpointError",
+    "ChecksumMismatchError",
+    "ConstantDecay",
+    "HalfLifeDecay",
+    "IncompatibleModelError",
+    "Manifest",
+    "MlflowEmaError",
+    "RampDecay",
+    "WarmupDecay",
+    "__version__",
+    "init_fingerprint",
+    "load_checkpoint",
+    "read_manifest",
+    "save_checkpoint",
+    "unwrap_model",
+    "verify_checkpoint",
+]
 
 
 def __getattr__(name: str):

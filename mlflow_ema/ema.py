@@ -378,9 +378,7 @@ class EMA:
         """Restore :meth:`state_dict`; refuses the state of an EMA of another model.
         A schedule of the library's own is restored too; a custom one stays as built."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise IncompatibleModelError(
-                f"not an mlflow-ema EMA state (version {STATE_VERSION} expected)"
-            )
+            raise IncompatibleModelError(f"not an mlflow-ema EMA state (version {STATE_VERSION} expected)")
         shadow = state["shadow"]
         problem = _describe_mismatch(
             {n: tuple(t.shape) for n, t in self._shadow.items()},

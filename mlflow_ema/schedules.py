@@ -130,8 +130,7 @@ class BiasCorrectedDecay:
 
 
 _SCHEDULES = {
-    cls.__name__: cls
-    for cls in (ConstantDecay, WarmupDecay, RampDecay, HalfLifeDecay, BiasCorrectedDecay)
+    cls.__name__: cls for cls in (ConstantDecay, WarmupDecay, RampDecay, HalfLifeDecay, BiasCorrectedDecay)
 }
 
 
