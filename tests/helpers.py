@@ -1,0 +1,27 @@
+"""A small network to train on scikit-learn's digits in tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def make_net(seed: int = 0, hidden: int = 32) -> nn.Module:
+    """An MLP with BatchNorm, so it has float and integer buffers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def train_steps(model, optimizer, digits, steps: int, *, start: int = 0, after_step=None, batch: int = 64):
+    """Real optimizer steps on digits; ``after_step()`` runs after each. Step ``i`` always
+    draws the same batch, so a run split at ``start`` sees the batches an unsplit one does."""
+    x, y = digits
+    model.train()
+    for i in range(start, start + steps):
+        idx = torch.randint(0, len(x), (batch,), generator=torch.Generator().manual_seed(i))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
