@@ -396,3 +396,31 @@ def test_tied_weights_have_one_shadow():
     assert list(ema.state_dict()["shadow"]) == ["embed.weight"]
     sd = ema.model_state_dict()
     assert sd["head.weight"] is sd["embed.weight"]
+
+
+def test_deferred_offload_path_averages_once_the_copy_is_done(monkeypatch):
+    """The CUDA -> CPU offload path (pinned staging, non_blocking copy, averaging deferred
+    until the copy's event completes) exercised on CPU with a stand-in event."""
+    events = []
+
+    class FakeEvent:
+        def record(self):
+            events.append("record")
+
+        def synchronize(self):
+            events.append("synchronize")
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    model = make_net().to(torch.bfloat16)  # bf16 weights, fp32 shadow: a staged group
+    ema = EMA(model, decay=0.5)
+    for group in ema._plan:
+        group.deferred = True
+    start = ema.state_dict()["shadow"]["3.weight"].clone()
+    with torch.no_grad():
+        model[3].weight.add_(1.0)
+    ema.update()
+    assert events == ["record"]
+    assert torch.equal(ema._shadow["3.weight"], start), "averaging waits for the copy"
+    averaged = ema.model_state_dict()["3.weight"]  # any read completes it
+    assert events == ["record", "synchronize"]
+    torch.testing.assert_close(averaged, start + 0.5, rtol=1e-2, atol=1e-2)
