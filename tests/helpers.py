@@ -25,3 +25,13 @@ def train_steps(model, optimizer, digits, steps: int, *, start: int = 0, after_s
         optimizer.step()
         if after_step is not None:
             after_step()
+
+
+class Tied(nn.Module):
+    """A language-model-like toy whose output layer shares the embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight

@@ -8,8 +8,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from helpers import make_net, train_steps
-from torch import nn
+from helpers import Tied, make_net, train_steps
 
 from mlflow_ema import (
     EMA,
@@ -85,13 +84,6 @@ def test_init_fingerprint_identifies_the_starting_weights():
 
 
 def test_tied_weights_are_stored_once_and_come_back_shared(tmp_path):
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(10, 8)
-            self.head = nn.Linear(8, 10, bias=False)
-            self.head.weight = self.embed.weight
-
     model = Tied()
     manifest = save_checkpoint(tmp_path / "c", EMA(model).model_state_dict(), kind="ema")
     assert manifest.aliases == {"head.weight": "embed.weight"} and manifest.num_tensors == 1

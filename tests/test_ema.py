@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_net, train_steps
+from helpers import Tied, make_net, train_steps
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -384,13 +384,6 @@ def test_load_state_dict_of_another_models_ema_is_refused():
 
 
 def test_tied_weights_have_one_shadow():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(10, 8)
-            self.head = nn.Linear(8, 10, bias=False)
-            self.head.weight = self.embed.weight
-
     model = Tied()
     ema = EMA(model)
     assert list(ema.state_dict()["shadow"]) == ["embed.weight"]
