@@ -12,6 +12,14 @@ from typing import TYPE_CHECKING
 from mlflow_ema._version import __version__
 
 _EXPORTS = {
+    "autolog": "mlflow_ema.autolog",
+    "watch": "mlflow_ema.autolog",
+    "log_checkpoint": "mlflow_ema.autolog",
+    "swap": "mlflow_ema.autolog",
+    "flush": "mlflow_ema.autolog",
+    "resume": "mlflow_ema.autolog",
+    "get_ema": "mlflow_ema.autolog",
+    "ResumeInfo": "mlflow_ema.autolog",
     "EMA": "mlflow_ema.ema",
     "unwrap_model": "mlflow_ema.ema",
     "ConstantDecay": "mlflow_ema.schedules",
@@ -23,6 +31,7 @@ _EXPORTS = {
     "Manifest": "mlflow_ema.checkpoint",
     "save_checkpoint": "mlflow_ema.checkpoint",
     "load_checkpoint": "mlflow_ema.checkpoint",
+    "load_training_state": "mlflow_ema.checkpoint",
     "read_manifest": "mlflow_ema.checkpoint",
     "verify_checkpoint": "mlflow_ema.checkpoint",
     "init_fingerprint": "mlflow_ema.checkpoint",
@@ -44,14 +53,23 @@ __all__ = [
     "Manifest",
     "MlflowEmaError",
     "RampDecay",
+    "ResumeInfo",
     "WarmupDecay",
     "__version__",
+    "autolog",
+    "flush",
+    "get_ema",
     "init_fingerprint",
     "load_checkpoint",
+    "load_training_state",
+    "log_checkpoint",
     "read_manifest",
+    "resume",
     "save_checkpoint",
+    "swap",
     "unwrap_model",
     "verify_checkpoint",
+    "watch",
 ]
 
 
@@ -69,11 +87,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from mlflow_ema.autolog import ResumeInfo, autolog, flush, get_ema, log_checkpoint, resume, swap, watch
     from mlflow_ema.checkpoint import (
         Checkpoint,
         Manifest,
         init_fingerprint,
         load_checkpoint,
+        load_training_state,
         read_manifest,
         save_checkpoint,
         verify_checkpoint,

@@ -5,6 +5,8 @@
     <checkpoint>/
         model.safetensors   the tensors, keyed as model.state_dict(); never pickle
         manifest.json       what the weights are (see Manifest) and the sha256 of each file
+        training_state.pt   optional: optimizer, scheduler, EMA and RNG state for resuming,
+                            written with torch.save and read only with weights_only=True
 
 A checkpoint is written into a temporary folder beside its destination and
 renamed into place when complete, so a crash never leaves a half-written one.
@@ -39,6 +41,7 @@ FORMAT = "mlflow-ema-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+TRAINING_STATE_FILE = "training_state.pt"
 KINDS = ("raw", "ema")
 _CHUNK = 1 << 20
 
@@ -123,10 +126,13 @@ def save_checkpoint(
     ema_updates: int | None = None,
     init_fingerprint: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    training_state: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write ``state_dict`` as a checkpoint folder at ``path``, which must not exist yet.
 
-    Tensors on other devices are copied to the CPU. Returns the manifest written.
+    Tensors on other devices are copied to the CPU. ``training_state`` (optimizer,
+    scheduler, EMA state...: tensors and plain Python values) goes to
+    ``training_state.pt``. Returns the manifest written.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -138,10 +144,14 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "mlflow_ema.kind": kind})
+        files = [WEIGHTS_FILE]
+        if training_state is not None:
+            torch.save(dict(training_state), staging / TRAINING_STATE_FILE)
+            files.append(TRAINING_STATE_FILE)
         dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         manifest = Manifest(
             kind=kind,
-            files={WEIGHTS_FILE: _file_digest(staging / WEIGHTS_FILE)},
+            files={name: _file_digest(staging / name) for name in files},
             num_tensors=len(tensors),
             num_parameters=sum(t.numel() for t in tensors.values()),
             dtypes=dict(sorted(dtypes.items())),
@@ -222,6 +232,18 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
         tensors[alias] = tensors[target]
     return Checkpoint(tensors, manifest)
+
+
+def load_training_state(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The ``training_state`` saved with a checkpoint, read with ``weights_only=True``."""
+    path = Path(path)
+    manifest = verify_checkpoint(path) if verify else read_manifest(path)
+    if TRAINING_STATE_FILE not in manifest.files:
+        raise CheckpointError(f"{path} holds no training state (log it with log_training_state=True)")
+    try:
+        return torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError here
+        raise CheckpointError(f"{path / TRAINING_STATE_FILE} cannot be read safely: {e}") from None
 
 
 def _unshare(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,0 +1,843 @@
+"""``mlflow_ema.autolog()`` and the explicit API behind it: ``watch``, ``log_checkpoint``,
+``swap``, ``flush`` and ``resume``.
+
+How autolog finds the model. Torch optimizers do not know their module, so at an
+optimizer's first ``step()`` (a global step *pre*-hook, so the EMA and its init
+fingerprint see the weights before the first update) autolog looks among the live
+``nn.Module`` objects for those that own the parameters the optimizer updates, and
+takes the outermost (unwrapping DDP and ``torch.compile``). When there is none, or
+more than one, it warns once and leaves that optimizer alone: call
+``mlflow_ema.watch(model, optimizer)``, which is also the explicit, no-magic way.
+
+What happens then, per optimizer step (a global step *post*-hook): ``ema.update()``
+and, every ``checkpoint_every_n_steps``, a checkpoint. ``checkpoint_every_n_epochs``
+counts epochs as exhausted ``DataLoader`` iterators during which the optimizer
+stepped. When a run ends (``with mlflow.start_run()`` exits, ``mlflow.end_run()``, or
+Lightning's MLFlowLogger finishing), a last checkpoint is taken (``checkpoint_at_end``)
+and every checkpoint of the run is uploaded before the run is marked finished.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import gc
+import inspect
+import json
+import logging
+import random
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlflow_ema.ema import EMA, unwrap_model
+from mlflow_ema.errors import CheckpointError, IncompatibleModelError, MlflowEmaError
+from mlflow_ema.ledger import EMA_PREFIX, Ledger
+from mlflow_ema.schedules import DecaySchedule, WarmupDecay
+from mlflow_ema.snapshot import take_snapshot
+from mlflow_ema.uploader import (
+    RUN_TAG_UPLOAD_FAILURES,
+    TAG_KIND,
+    TAG_MODEL,
+    TAG_STEP,
+    TAG_TRAINING_STATE,
+    CheckpointPart,
+    Uploader,
+    UploadJob,
+)
+
+_logger = logging.getLogger("mlflow_ema")
+
+RUN_TAG_MODEL_CLASS = "mlflow_ema.model_class"
+RUN_TAG_MODEL_FACTORY = "mlflow_ema.model_factory"
+RUN_TAG_MODEL_KWARGS = "mlflow_ema.model_kwargs"
+
+
+@dataclasses.dataclass
+class AutologConfig:
+    decay: float | DecaySchedule = dataclasses.field(
+        default_factory=lambda: WarmupDecay(decay=0.9999, power=3 / 4)
+    )
+    update_every: int = 1
+    start_step: int = 0
+    ema_dtype: torch.dtype | None = None
+    ema_device: str | torch.device | None = None
+    checkpoint_every_n_steps: int | None = None
+    checkpoint_every_n_epochs: int | None = None
+    checkpoint_at_end: bool = True
+    keep_top_k: int | None = None
+    monitor: str | None = None
+    mode: str = "max"
+    log_training_state: bool = False
+    model_factory: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    max_queue: int = 2
+    silent: bool = False
+
+
+@dataclasses.dataclass
+class _Watched:
+    """A model the session keeps an EMA of, and what drives it."""
+
+    model: nn.Module
+    ema: EMA
+    optimizers: list[Any]
+    schedulers: list[Any]
+    name: str | None
+    owner: str  # "autolog" (found by the hooks), "watch" or "lightning"
+    run_tags: dict[str, str]
+    epoch: int = 0
+    run_id: str | None = None  # the active run during its last step
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}-" if self.name else ""
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}:{type(obj).__qualname__}"
+
+
+def _rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _active_run() -> tuple[str, str] | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return (run.info.run_id, mlflow.get_tracking_uri()) if run else None
+
+
+class _Session:
+    """Everything autolog / watch installed, so that ``autolog(disable=True)`` removes it all."""
+
+    def __init__(self) -> None:
+        self.config = AutologConfig()
+        self.autolog_on = False
+        self.ledger = Ledger()
+        self.uploader = Uploader(self.ledger)
+        self.watched: list[_Watched] = []
+        self.by_optimizer: weakref.WeakKeyDictionary[Any, _Watched | None] = weakref.WeakKeyDictionary()
+        self._global_hooks: list[Any] = []
+        self._patches: list[tuple[Any, str, Any]] = []
+        self._prefix_threads: set[int] = set()
+        self._warned: set[str] = set()
+        self._steps = 0  # optimizer steps of watched models, for epoch detection
+        self._atexit = False
+
+    # -- messages ---------------------------------------------------------------------
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned and not self.config.silent:
+            self._warned.add(key)
+            warnings.warn(f"mlflow-ema: {message}", stacklevel=3)
+
+    # -- install / remove ---------------------------------------------------------------
+
+    def patch(self, owner: Any, name: str, replacement: Any) -> None:
+        self._patches.append((owner, name, owner.__dict__[name]))
+        setattr(owner, name, replacement)
+
+    def install_common(self) -> None:
+        """The hooks both autolog and watch need: metric observation and run end."""
+        if self._patches:
+            return
+        from mlflow import MlflowClient
+
+        session = self
+        log_metric, log_batch, set_terminated = (
+            MlflowClient.log_metric,
+            MlflowClient.log_batch,
+            MlflowClient.set_terminated,
+        )
+        sig_metric, sig_batch = inspect.signature(log_metric), inspect.signature(log_batch)
+
+        def patched_log_metric(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is session.uploader._thread:
+                return log_metric(*args, **kwargs)
+            bound = sig_metric.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            a["key"] = session.prefixed(a["key"])
+            a["timestamp"] = a["timestamp"] or int(time.time() * 1000)  # known, so links dedupe
+            result = log_metric(*bound.args, **bound.kwargs)
+            session.observe(a["run_id"], [(a["key"], a["value"], a["step"] or 0, a["timestamp"])], a["self"])
+            return result
+
+        def patched_log_batch(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is session.uploader._thread:
+                return log_batch(*args, **kwargs)
+            bound = sig_batch.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            metrics = list(a["metrics"] or ())
+            if metrics and threading.get_ident() in session._prefix_threads:
+                metrics = [_renamed(m, session.prefixed(m.key)) for m in metrics]
+            a["metrics"] = metrics
+            result = log_batch(*bound.args, **bound.kwargs)
+            session.observe(
+                a["run_id"],
+                [(m.key, m.value, m.step, m.timestamp) for m in metrics if m.model_id is None],
+                a["self"],
+            )
+            return result
+
+        def patched_set_terminated(
+            self_client: Any, run_id: str, status: str | None = None, end_time: int | None = None
+        ) -> Any:
+            session.on_run_end(run_id, status, self_client.tracking_uri)
+            return set_terminated(self_client, run_id, status, end_time)
+
+        self.patch(MlflowClient, "log_metric", patched_log_metric)
+        self.patch(MlflowClient, "log_batch", patched_log_batch)
+        self.patch(MlflowClient, "set_terminated", patched_set_terminated)
+        if not self._atexit:
+            atexit.register(_flush_at_exit)
+            self._atexit = True
+
+    def install_autolog(self) -> None:
+        if self._global_hooks:
+            return
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
+
+        self._global_hooks = [
+            register_optimizer_step_pre_hook(self.before_step),
+            register_optimizer_step_post_hook(self.after_step),
+        ]
+        self.install_epoch_detection()
+        self.install_lightning()
+
+    def install_epoch_detection(self) -> None:
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        original = _BaseDataLoaderIter.__next__
+        session = self
+
+        def patched_next(self_iter: Any) -> Any:
+            if getattr(self_iter, "_num_yielded", 1) == 0:
+                self_iter._mlflow_ema_steps = session._steps
+            try:
+                return original(self_iter)
+            except StopIteration:
+                started = getattr(self_iter, "_mlflow_ema_steps", None)
+                if started is not None and session._steps > started:
+                    self_iter._mlflow_ema_steps = None
+                    session.on_epoch_end()
+                raise
+
+        self.patch(_BaseDataLoaderIter, "__next__", patched_next)
+
+    def install_lightning(self) -> None:
+        for module_name in ("lightning.pytorch", "pytorch_lightning"):
+            try:
+                module = __import__(module_name, fromlist=["Trainer"])
+            except ImportError:
+                continue
+            from mlflow_ema.lightning import add_callback_to_fit
+
+            self.patch(module.Trainer, "fit", add_callback_to_fit(module.Trainer.fit))
+
+    def uninstall(self) -> None:
+        for hook in self._global_hooks:
+            hook.remove()
+        self._global_hooks = []
+        for owner, name, original in reversed(self._patches):
+            setattr(owner, name, original)
+        self._patches = []
+        for w in self.watched:
+            for opt in w.optimizers:
+                for handle in getattr(opt, "_mlflow_ema_handles", ()):
+                    handle.remove()
+        self.watched = []
+        self.by_optimizer = weakref.WeakKeyDictionary()
+        self.autolog_on = False
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def prefixed(self, key: str) -> str:
+        if threading.get_ident() in self._prefix_threads and not key.startswith(EMA_PREFIX):
+            return EMA_PREFIX + key
+        return key
+
+    def observe(self, run_id: str, metrics: Sequence[tuple[str, float, int, int]], client: Any) -> None:
+        if not metrics or not _rank_zero():
+            return
+        for key, value, step, timestamp in metrics:
+            self.ledger.observe_metric(run_id, key, value, step, timestamp)
+        if self.ledger.checkpoints(run_id):
+            self.uploader.request_sync(self.job_for(run_id, client.tracking_uri))
+
+    def job_for(self, run_id: str, tracking_uri: str, parts: list | None = None) -> UploadJob:
+        c = self.config
+        return UploadJob(
+            run_id, tracking_uri, parts or [], keep_top_k=c.keep_top_k, monitor=c.monitor, mode=c.mode
+        )
+
+    # -- finding models ----------------------------------------------------------------------
+
+    def before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer not in self.by_optimizer:
+            self.by_optimizer[optimizer] = self.resolve(optimizer)
+
+    def after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        w = self.by_optimizer.get(optimizer)
+        # watch() hooks its optimizer itself; Lightning's callback steps its own EMA.
+        if w is not None and w.owner == "autolog" and w.optimizers[0] is optimizer:
+            self.step(w)
+
+    def resolve(self, optimizer: Any) -> _Watched | None:
+        for w in self.watched:
+            if any(o is optimizer for o in w.optimizers):
+                return w
+        model = find_model(optimizer)
+        if model is None:
+            self.warn_once(
+                f"resolve-{id(optimizer)}",
+                f"cannot tell which model {type(optimizer).__name__} trains (no single module owns "
+                "all its parameters); call mlflow_ema.watch(model, optimizer)",
+            )
+            return None
+        for w in self.watched:
+            if w.model is model:  # another optimizer of a watched model: the first one drives
+                w.optimizers.append(optimizer)
+                return w
+        return self.add(model, [optimizer], owner="autolog")
+
+    def add(
+        self,
+        model: nn.Module,
+        optimizers: list[Any],
+        *,
+        owner: str,
+        ema: EMA | None = None,
+        name: str | None = None,
+        model_factory: str | None = None,
+        model_kwargs: dict | None = None,
+    ) -> _Watched:
+        c = self.config
+        model = unwrap_model(model)
+        if ema is None:
+            ema = EMA(
+                model,
+                decay=c.decay,
+                update_every=c.update_every,
+                start_step=c.start_step,
+                dtype=c.ema_dtype,
+                device=c.ema_device,
+            )
+        factory = model_factory or c.model_factory
+        run_tags = {RUN_TAG_MODEL_CLASS: _class_path(model)}
+        if factory:
+            run_tags[RUN_TAG_MODEL_FACTORY] = factory
+            run_tags[RUN_TAG_MODEL_KWARGS] = json.dumps(
+                model_kwargs if model_kwargs is not None else c.model_kwargs or {}
+            )
+        w = _Watched(model, ema, list(optimizers), find_schedulers(optimizers), name, owner, run_tags)
+        self.watched.append(w)
+        return w
+
+    # -- per step -----------------------------------------------------------------------------
+
+    def step(self, w: _Watched) -> None:
+        w.ema.update()
+        self._steps += 1
+        run = _active_run()
+        w.run_id = run[0] if run else None
+        n = self.config.checkpoint_every_n_steps
+        if n and w.ema.step % n == 0:
+            self.checkpoint(w)
+
+    def on_epoch_end(self) -> None:
+        n = self.config.checkpoint_every_n_epochs
+        for w in self.watched:
+            if w.owner == "lightning":
+                continue
+            w.epoch += 1
+            if n and w.epoch % n == 0:
+                self.checkpoint(w, epoch=w.epoch)
+
+    def select(self, model: nn.Module | None) -> list[_Watched]:
+        if not self.watched:
+            raise MlflowEmaError(
+                "no model is watched: call mlflow_ema.autolog() and train, or mlflow_ema.watch(model, optimizer)"
+            )
+        if model is None:
+            return list(self.watched)
+        model = unwrap_model(model)
+        chosen = [w for w in self.watched if w.model is model]
+        if not chosen:
+            raise MlflowEmaError(
+                f"{type(model).__name__} is not watched: call mlflow_ema.watch(model, optimizer)"
+            )
+        return chosen
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint(
+        self,
+        w: _Watched,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        run: tuple[str, str] | None = None,
+    ) -> bool:
+        """Snapshot the raw and EMA weights and queue them for upload. False if skipped."""
+        if not _rank_zero():
+            return False
+        run = run or _active_run()
+        if run is None:
+            self.warn_once(
+                "no-run",
+                "no active MLflow run: the EMA is kept but no checkpoint is logged "
+                "(train inside `with mlflow.start_run():`)",
+            )
+            return False
+        run_id, tracking_uri = run
+        step = w.ema.step if step is None else int(step)
+        epoch = (w.epoch or None) if epoch is None else int(epoch)
+        if self.ledger.has_checkpoint(run_id, step, w.prefix + "raw-"):
+            return False
+        training_state = None
+        if self.config.log_training_state:
+            training_state = take_snapshot(training_state_of(w, step=step, epoch=epoch))
+        parts = []
+        for kind, state in (("raw", w.model.state_dict()), ("ema", w.ema.model_state_dict())):
+            record = self.ledger.add_checkpoint(run_id, kind, step, epoch, f"{w.prefix}{kind}-step{step}")
+            parts.append(
+                CheckpointPart(
+                    record,
+                    take_snapshot(state),
+                    training_state=training_state if kind == "raw" else None,
+                    ema_decay=w.ema.last_decay if kind == "ema" else None,
+                    ema_updates=w.ema.num_updates if kind == "ema" else None,
+                    init_fingerprint=w.ema.init_fingerprint,
+                    tags={TAG_MODEL: w.name} if w.name else {},
+                )
+            )
+        job = self.job_for(run_id, tracking_uri, parts)
+        job.run_tags = w.run_tags
+        self.uploader.submit(job)
+        return True
+
+    def on_run_end(self, run_id: str, status: str | None, tracking_uri: str) -> None:
+        """Called before MLflow marks a run terminated: last checkpoint, then upload everything."""
+        finished = status in (None, "FINISHED")
+        for w in self.watched:
+            if (
+                w.run_id == run_id
+                and finished
+                and self.config.checkpoint_at_end
+                and w.ema.step > 0
+                and w.owner != "lightning"
+            ):
+                self.checkpoint(w, run=(run_id, tracking_uri))
+        if not self.ledger.checkpoints(run_id) and not self.ledger.failures(run_id):
+            return
+        job = self.job_for(run_id, tracking_uri)
+        self.uploader.flush(run_id)
+        if job.keep_top_k is not None and job.monitor:
+            try:
+                self.uploader.prune(job, final=True)
+            except Exception as e:
+                _logger.warning("mlflow-ema: pruning checkpoints of run %s failed: %s", run_id, e)
+        self.report_failures(run_id, tracking_uri)
+        self.ledger.forget(run_id)
+        # A model found by autolog belongs to the run that trained it.
+        self.watched = [w for w in self.watched if not (w.owner == "autolog" and w.run_id == run_id)]
+
+    def report_failures(self, run_id: str, tracking_uri: str) -> None:
+        failures = self.ledger.failures(run_id)
+        if not failures:
+            return
+        warnings.warn(
+            f"mlflow-ema: {len(failures)} checkpoint(s) of run {run_id} could not be uploaded: "
+            + "; ".join(failures),
+            stacklevel=3,
+        )
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri).set_tag(run_id, RUN_TAG_UPLOAD_FAILURES, json.dumps(failures)[:5000])
+        except Exception as e:  # the server may still be down: the warning above stands
+            _logger.warning("mlflow-ema: could not tag run %s with its upload failures: %s", run_id, e)
+
+
+def _renamed(metric: Any, key: str) -> Any:
+    from mlflow.entities import Metric
+
+    if key == metric.key:
+        return metric
+    return Metric(
+        key,
+        metric.value,
+        metric.timestamp,
+        metric.step,
+        dataset_name=metric.dataset_name,
+        dataset_digest=metric.dataset_digest,
+        model_id=metric.model_id,
+        run_id=metric.run_id,
+    )
+
+
+def find_model(optimizer: Any) -> nn.Module | None:
+    """The outermost live module owning every parameter ``optimizer`` updates, unwrapped;
+    None when there is no such module or several unrelated ones."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not params:
+        return None
+    modules = _live(nn.Module)
+    children = {id(child) for m in modules for child in m._modules.values() if child is not None}
+    owners = {id(m) for m in modules if any(id(p) in params for p in m._parameters.values() if p is not None)}
+    if not owners:
+        return None
+    roots = [m for m in modules if id(m) not in children and params <= {id(p) for p in m.parameters()}]
+    unwrapped = {id(unwrap_model(m)): unwrap_model(m) for m in roots}
+    return next(iter(unwrapped.values())) if len(unwrapped) == 1 else None
+
+
+def find_schedulers(optimizers: Sequence[Any]) -> list[Any]:
+    """Learning-rate schedulers attached to ``optimizers``, so training state includes them."""
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+    ids = {id(o) for o in optimizers}
+    return [s for s in _live((LRScheduler, ReduceLROnPlateau)) if id(getattr(s, "optimizer", None)) in ids]
+
+
+def _live(cls: type | tuple[type, ...]) -> list[Any]:
+    """Live objects of a class. Once per optimizer, never per step."""
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        return [obj for obj in gc.get_objects() if isinstance(obj, cls)]
+
+
+def training_state_of(w: _Watched, *, step: int, epoch: int | None) -> dict[str, Any]:
+    """Optimizer, scheduler, EMA and RNG state: what a resumed run needs to continue bit for bit."""
+    return {
+        "version": 1,
+        "step": step,
+        "epoch": epoch,
+        "optimizers": [o.state_dict() for o in w.optimizers],
+        "schedulers": [s.state_dict() for s in w.schedulers],
+        "ema": w.ema.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2],
+        },
+    }
+
+
+_SESSION = _Session()
+
+
+def _flush_at_exit() -> None:
+    # Runs still open are ended after this by MLflow's own exit handler, which reports.
+    if not _SESSION.uploader.flush(timeout=600):
+        _logger.warning("mlflow-ema: checkpoints were still uploading at exit")
+
+
+# -- the public API ---------------------------------------------------------------------------
+
+
+def autolog(
+    *,
+    decay: float | DecaySchedule | None = None,
+    update_every: int = 1,
+    start_step: int = 0,
+    ema_dtype: torch.dtype | None = None,
+    ema_device: str | torch.device | None = None,
+    checkpoint_every_n_steps: int | None = None,
+    checkpoint_every_n_epochs: int | None = None,
+    checkpoint_at_end: bool = True,
+    keep_top_k: int | None = None,
+    monitor: str | None = None,
+    mode: str = "max",
+    log_training_state: bool = False,
+    model_factory: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    max_queue: int = 2,
+    disable: bool = False,
+    silent: bool = False,
+) -> None:
+    """Keep an EMA of every model trained in this process and log raw and EMA checkpoints
+    to the active MLflow run as LoggedModels.
+
+    One line before a plain training loop is enough: the EMA is updated after every
+    ``optimizer.step()`` and, by default, checkpoints are logged when the run ends.
+    Calling it again replaces the configuration; ``autolog(disable=True)`` removes every
+    hook and patch it installed.
+
+    Args:
+        decay: the EMA decay or schedule (default ``WarmupDecay(0.9999, power=3/4)``,
+            which suits runs from a few hundred steps to ~100k).
+        update_every, start_step, ema_dtype, ema_device: as for :class:`mlflow_ema.EMA`.
+        checkpoint_every_n_steps: also checkpoint every N optimizer steps.
+        checkpoint_every_n_epochs: also checkpoint every N epochs (an epoch ends when a
+            ``DataLoader`` the optimizer stepped over is exhausted; Lightning: its epochs).
+        checkpoint_at_end: checkpoint when the run ends successfully.
+        keep_top_k: keep only the K best checkpoints by ``monitor`` (plus the last);
+            raw and EMA checkpoints of one step are kept or deleted together.
+        monitor, mode: the metric ``keep_top_k`` ranks by (e.g. ``"ema/val_acc"``), ``"max"``
+            or ``"min"``.
+        log_training_state: also record optimizer, scheduler, EMA and RNG state with each
+            raw checkpoint, for :func:`resume`.
+        model_factory, model_kwargs: ``"module:function"`` and its keyword arguments that
+            rebuild the model; recorded on the run, so averaging needs no pickle.
+        max_queue: checkpoints that may wait for upload before training waits.
+        disable: remove autolog's hooks.
+        silent: no warnings about setup (never about lost checkpoints).
+    """
+    session = _SESSION
+    if disable:
+        session.uploader.flush(timeout=600)
+        session.uninstall()
+        return
+    if keep_top_k is not None and (keep_top_k < 1 or not monitor):
+        raise ValueError("keep_top_k needs an integer >= 1 and a metric to monitor")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    for name, value in (
+        ("checkpoint_every_n_steps", checkpoint_every_n_steps),
+        ("checkpoint_every_n_epochs", checkpoint_every_n_epochs),
+    ):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    defaults = AutologConfig()
+    session.config = AutologConfig(
+        decay=defaults.decay if decay is None else decay,
+        update_every=update_every,
+        start_step=start_step,
+        ema_dtype=ema_dtype,
+        ema_device=ema_device,
+        checkpoint_every_n_steps=checkpoint_every_n_steps,
+        checkpoint_every_n_epochs=checkpoint_every_n_epochs,
+        checkpoint_at_end=checkpoint_at_end,
+        keep_top_k=keep_top_k,
+        monitor=monitor,
+        mode=mode,
+        log_training_state=log_training_state,
+        model_factory=model_factory,
+        model_kwargs=model_kwargs,
+        max_queue=max_queue,
+        silent=silent,
+    )
+    session.uploader._jobs.maxsize = max_queue
+    session.install_common()
+    session.install_autolog()
+    session.autolog_on = True
+
+
+def watch(
+    model: nn.Module,
+    optimizer: Any | Sequence[Any] | None = None,
+    *,
+    ema: EMA | None = None,
+    name: str | None = None,
+    model_factory: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> EMA:
+    """Keep an EMA of ``model``, updated after each ``optimizer.step()``, and log its
+    checkpoints like autolog does (with autolog's configuration, or its defaults).
+
+    The explicit API: no search for the model. Without ``optimizer``, call
+    ``ema.update()`` yourself. Pass ``ema=`` to use an EMA you built; ``name`` tells
+    several watched models apart (checkpoint names and the tag ``mlflow_ema.model``).
+    Returns the EMA.
+    """
+    session = _SESSION
+    optimizers = (
+        [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    )
+    target = unwrap_model(model)
+    for w in session.watched:
+        if w.model is target:
+            raise MlflowEmaError(f"{type(target).__name__} is already watched")
+    session.install_common()
+    w = session.add(
+        model,
+        optimizers,
+        owner="watch",
+        ema=ema,
+        name=name,
+        model_factory=model_factory,
+        model_kwargs=model_kwargs,
+    )
+    for opt in optimizers:
+        session.by_optimizer[opt] = w
+    if optimizers:  # the first optimizer's steps drive the EMA
+        handle = optimizers[0].register_step_post_hook(lambda *_: session.step(w))
+        optimizers[0]._mlflow_ema_handles = [*getattr(optimizers[0], "_mlflow_ema_handles", ()), handle]
+    return w.ema
+
+
+def log_checkpoint(
+    *,
+    step: int | None = None,
+    epoch: int | None = None,
+    metrics: dict[str, float] | None = None,
+    model: nn.Module | None = None,
+) -> None:
+    """Log raw and EMA checkpoints of the watched model(s) now, to the active run.
+
+    ``metrics`` are logged to the run at ``step`` (default: the EMA's step count) and
+    linked to the checkpoints: names starting with ``ema/`` to the EMA checkpoint, the
+    others to the raw one. Safe to call on every rank: only rank 0 writes.
+    """
+    session = _SESSION
+    targets = session.select(model)
+    if metrics and _rank_zero():
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            log_step = targets[0].ema.step if step is None else int(step)
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=log_step)
+    for w in targets:
+        session.checkpoint(w, step=step, epoch=epoch)
+
+
+@contextlib.contextmanager
+def swap(model: nn.Module | None = None) -> Iterator[None]:
+    """Evaluate with the EMA weights: the watched model(s) hold them inside the block,
+    and metrics logged to MLflow from this thread meanwhile get the ``ema/`` prefix
+    (``val_acc`` -> ``ema/val_acc``), so they link to the EMA checkpoint of their step."""
+    session = _SESSION
+    targets = session.select(model)
+    ident = threading.get_ident()
+    with contextlib.ExitStack() as stack:
+        for w in targets:
+            stack.enter_context(w.ema.swap())
+        session._prefix_threads.add(ident)
+        try:
+            yield
+        finally:
+            session._prefix_threads.discard(ident)
+
+
+def get_ema(model: nn.Module | None = None) -> EMA:
+    """The EMA autolog or watch keeps for ``model`` (default: the only watched model)."""
+    targets = _SESSION.select(model)
+    if len(targets) > 1:
+        raise MlflowEmaError("several models are watched: pass the model")
+    return targets[0].ema
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Wait until every queued checkpoint is uploaded (or given up on); False on timeout."""
+    return _SESSION.uploader.flush(timeout=timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeInfo:
+    step: int
+    epoch: int | None
+    run_id: str | None
+    model_id: str | None
+
+
+def resume(
+    model: nn.Module,
+    optimizer: Any | Sequence[Any] | None = None,
+    scheduler: Any | Sequence[Any] | None = None,
+    *,
+    run_id: str | None = None,
+    checkpoint: str | Path | None = None,
+) -> ResumeInfo:
+    """Restore the weights, optimizer, scheduler, EMA and RNG state from the latest raw
+    checkpoint logged with ``log_training_state=True``, and watch the model so training
+    continues where it stopped. Resume inside ``mlflow.start_run(run_id=...)`` to keep
+    logging into the same run.
+
+    ``run_id`` defaults to the active run; ``checkpoint`` is a local checkpoint folder
+    to use instead. Returns the step and epoch to continue from.
+    """
+    from mlflow_ema.checkpoint import load_checkpoint, load_training_state
+
+    optimizers = (
+        [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    )
+    schedulers = (
+        [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
+    )
+    model_id = None
+    with tempfile.TemporaryDirectory(prefix="mlflow-ema-resume-") as tmp:
+        if checkpoint is None:
+            checkpoint, model_id, run_id = _download_latest_training_state(run_id, Path(tmp))
+        state_dict, _manifest = load_checkpoint(checkpoint)
+        state = load_training_state(checkpoint)
+    target = unwrap_model(model)
+    try:
+        target.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise IncompatibleModelError(
+            f"checkpoint does not fit {type(target).__name__}: {str(e).splitlines()[0]}"
+        ) from None
+    if len(state["optimizers"]) != len(optimizers) or len(state["schedulers"]) < len(schedulers):
+        raise IncompatibleModelError(
+            f"checkpoint holds {len(state['optimizers'])} optimizer and {len(state['schedulers'])} "
+            f"scheduler states; {len(optimizers)} and {len(schedulers)} were passed"
+        )
+    for opt, opt_state in zip(optimizers, state["optimizers"], strict=False):
+        opt.load_state_dict(opt_state)
+    for sched, sched_state in zip(schedulers, state["schedulers"], strict=False):
+        sched.load_state_dict(sched_state)
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    session = _SESSION
+    existing = [w for w in session.watched if w.model is target]
+    if existing:
+        w = existing[0]
+    else:
+        watch(model, optimizers or None)
+        w = session.watched[-1]
+    w.ema.load_state_dict(state["ema"])
+    w.schedulers = schedulers or w.schedulers
+    w.epoch = state["epoch"] or 0
+    return ResumeInfo(step=int(state["step"]), epoch=state["epoch"], run_id=run_id, model_id=model_id)
+
+
+def _download_latest_training_state(run_id: str | None, tmp: Path) -> tuple[Path, str, str]:
+    import mlflow
+    from mlflow import MlflowClient
+
+    if run_id is None:
+        run = mlflow.active_run()
+        if run is None:
+            raise MlflowEmaError("resume() needs run_id=, a checkpoint= folder, or an active run")
+        run_id = run.info.run_id
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=(
+            f"source_run_id = '{run_id}' AND tags.`{TAG_KIND}` = 'raw' "
+            f"AND tags.`{TAG_TRAINING_STATE}` = 'true' AND status = 'READY'"
+        ),
+    )
+    if not models:
+        raise CheckpointError(
+            f"run {run_id} has no complete checkpoint with training state "
+            "(log them with autolog(log_training_state=True))"
+        )
+    latest = max(models, key=lambda m: int(m.tags.get(TAG_STEP, -1)))
+    local = mlflow.artifacts.download_artifacts(artifact_uri=latest.artifact_location, dst_path=str(tmp))
+    return Path(local), latest.model_id, run_id

@@ -1,0 +1,160 @@
+"""What each run checkpointed and measured: which metrics belong to which checkpoint,
+and which checkpoints ``keep_top_k`` supersedes. Pure bookkeeping, no I/O.
+
+Linking rule. A checkpoint is linked to the metrics the run logs
+
+- at the checkpoint's step (MLflow's convention, as ``log_model(step=...)`` does), and
+- for every other metric name, the first value logged after the checkpoint was taken
+  and before the next one: the evaluation that usually follows a checkpoint, whatever
+  ``step`` the loop logs it with.
+
+Metrics named ``ema/...`` go to the EMA checkpoint, all others to the raw one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+
+EMA_PREFIX = "ema/"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricRecord:
+    key: str
+    value: float
+    step: int
+    timestamp: int
+    seq: int  # order in which this process saw it
+
+
+@dataclasses.dataclass
+class CheckpointRecord:
+    run_id: str
+    kind: str
+    step: int
+    epoch: int | None
+    name: str
+    seq: int  # metrics with a larger seq were logged after the checkpoint was taken
+    model_id: str | None = None
+    status: str = "pending"  # pending -> ready | failed; ready -> deleted
+    linked: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (key, seq)
+
+
+@dataclasses.dataclass
+class _Run:
+    metrics: list[MetricRecord] = dataclasses.field(default_factory=list)
+    checkpoints: list[CheckpointRecord] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+
+class Ledger:
+    """Thread-safe: the training thread records, the upload thread reads and marks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._seq = 0
+
+    def _run(self, run_id: str) -> _Run:
+        return self._runs.setdefault(run_id, _Run())
+
+    def observe_metric(self, run_id: str, key: str, value: float, step: int, timestamp: int) -> None:
+        with self._lock:
+            self._seq += 1
+            self._run(run_id).metrics.append(
+                MetricRecord(key, float(value), int(step), int(timestamp), self._seq)
+            )
+
+    def add_checkpoint(
+        self, run_id: str, kind: str, step: int, epoch: int | None, name: str
+    ) -> CheckpointRecord:
+        with self._lock:
+            record = CheckpointRecord(run_id, kind, step, epoch, name, seq=self._seq)
+            self._run(run_id).checkpoints.append(record)
+            return record
+
+    def has_checkpoint(self, run_id: str, step: int, name_prefix: str = "") -> bool:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return bool(run) and any(
+                c.step == step and c.name.startswith(name_prefix) for c in run.checkpoints
+            )
+
+    def checkpoints(self, run_id: str) -> list[CheckpointRecord]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return list(run.checkpoints) if run else []
+
+    def record_failure(self, run_id: str, message: str) -> None:
+        with self._lock:
+            self._run(run_id).failures.append(message)
+
+    def failures(self, run_id: str) -> list[str]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return list(run.failures) if run else []
+
+    def run_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._runs)
+
+    def forget(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    # -- the linking rule -------------------------------------------------------------
+
+    def unlinked_metrics(self, record: CheckpointRecord) -> list[MetricRecord]:
+        """Metrics that belong to ``record`` (see the module docstring) and are not linked yet."""
+        with self._lock:
+            run = self._runs.get(record.run_id)
+            if run is None:
+                return []
+            later = [c.seq for c in run.checkpoints if c.seq > record.seq]
+            window_end = min(later) if later else math.inf
+            first_in_window: dict[str, MetricRecord] = {}
+            at_step = []
+            for metric in run.metrics:
+                if metric.key.startswith(EMA_PREFIX) != (record.kind == "ema"):
+                    continue
+                if metric.step == record.step:
+                    at_step.append(metric)
+                elif record.seq < metric.seq <= window_end:  # a checkpoint's seq is the last metric before it
+                    first_in_window.setdefault(metric.key, metric)
+            step_keys = {m.key for m in at_step}
+            chosen = at_step + [m for k, m in first_in_window.items() if k not in step_keys]
+            return [m for m in chosen if (m.key, m.seq) not in record.linked]
+
+    def linked_value(self, record: CheckpointRecord, key: str) -> float | None:
+        """The value of ``key`` linked to ``record`` (the one at its step first)."""
+        with self._lock:
+            run = self._runs[record.run_id]
+            values = {m.seq: m for m in run.metrics if m.key == key}
+        linked = [values[seq] for k, seq in record.linked if k == key and seq in values]
+        linked.sort(key=lambda m: (m.step != record.step, m.seq))
+        return linked[0].value if linked else None
+
+    # -- keep_top_k ---------------------------------------------------------------------
+
+    def superseded(
+        self, run_id: str, *, keep_top_k: int, monitor: str, mode: str, final: bool
+    ) -> list[CheckpointRecord]:
+        """Ready checkpoints outside the ``keep_top_k`` best by ``monitor``, never the last
+        one. While the run goes on, a checkpoint whose value is not known yet is kept;
+        at the end (``final``) it ranks last."""
+        records = [c for c in self.checkpoints(run_id) if c.status in ("pending", "ready")]
+        taken = sorted({c.seq for c in records})  # raw and EMA of one moment share a seq
+        if not taken:
+            return []
+        scores: dict[int, float | None] = {}
+        for seq in taken:
+            known = [self.linked_value(c, monitor) for c in records if c.seq == seq]
+            known = [v for v in known if v is not None and not math.isnan(v)]
+            scores[seq] = known[0] if known else None
+        candidates = [s for s in taken[:-1] if final or scores[s] is not None]
+        sign = -1.0 if mode == "max" else 1.0
+        ranked = sorted(candidates, key=lambda s: (scores[s] is None, sign * (scores[s] or 0.0), -s))
+        dropped = set(ranked[keep_top_k:])
+        return [c for c in records if c.seq in dropped and c.status == "ready"]

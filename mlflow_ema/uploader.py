@@ -1,0 +1,308 @@
+"""Writes checkpoints and uploads them to MLflow as LoggedModels, on a background thread.
+
+The training loop hands over CPU snapshots (:mod:`mlflow_ema.snapshot`) and goes
+on; it waits only when ``max_queue`` checkpoints are already waiting (back-pressure
+instead of unbounded memory). For each checkpoint the thread
+
+1. writes the checkpoint folder (safetensors + manifest) to a temporary folder;
+2. creates a PENDING LoggedModel (``source_run_id``, tags ``mlflow_ema.kind``,
+   ``mlflow_ema.step``, ...), records it as an output of the run at its step,
+   uploads the folder and links the run's metrics to it (:mod:`mlflow_ema.ledger`);
+3. finalizes it READY only once every file is uploaded. A crash mid-upload leaves a
+   PENDING (or FAILED) model, which averaging never uses.
+
+Every request is retried with backoff. A checkpoint that still cannot be uploaded
+is kept on disk under ``mlflow-ema-unsent/<run_id>/`` and reported (a warning and
+the run tag ``mlflow_ema.upload_failures``), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow_ema.checkpoint import WEIGHTS_FILE, save_checkpoint
+from mlflow_ema.ledger import CheckpointRecord, Ledger
+from mlflow_ema.snapshot import Snapshot
+
+_logger = logging.getLogger("mlflow_ema")
+
+TAG_KIND = "mlflow_ema.kind"
+TAG_STEP = "mlflow_ema.step"
+TAG_EPOCH = "mlflow_ema.epoch"
+TAG_MODEL = "mlflow_ema.model"
+TAG_INIT_FINGERPRINT = "mlflow_ema.init_fingerprint"
+TAG_ALL_FINITE = "mlflow_ema.all_finite"
+TAG_SHA256 = "mlflow_ema.sha256"
+TAG_TRAINING_STATE = "mlflow_ema.training_state"
+TAG_FORMAT_VERSION = "mlflow_ema.format_version"
+RUN_TAG_UPLOAD_FAILURES = "mlflow_ema.upload_failures"
+
+
+@dataclasses.dataclass
+class CheckpointPart:
+    """One LoggedModel to create: the raw or the EMA weights of one moment."""
+
+    record: CheckpointRecord
+    state: Snapshot  # of the state dict
+    training_state: Snapshot | None = None
+    ema_decay: float | None = None
+    ema_updates: int | None = None
+    init_fingerprint: str | None = None
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class UploadJob:
+    run_id: str
+    tracking_uri: str
+    parts: list[CheckpointPart]
+    run_tags: dict[str, str] = dataclasses.field(default_factory=dict)  # set once per run
+    keep_top_k: int | None = None
+    monitor: str | None = None
+    mode: str = "max"
+
+
+@dataclasses.dataclass
+class RetryPolicy:
+    attempts: int = 3
+    backoff: float = 1.0  # seconds before the second attempt; doubles after each
+
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except Exception as e:
+                if attempt == self.attempts:
+                    raise
+                _logger.debug("mlflow-ema: %s failed (%s), retrying", what, e)
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+
+class Uploader:
+    """The background thread and its queue; one per process."""
+
+    def __init__(self, ledger: Ledger, *, max_queue: int = 2, retry: RetryPolicy | None = None) -> None:
+        self.ledger = ledger
+        self.retry = retry or RetryPolicy()
+        self.unsent_dir = Path("mlflow-ema-unsent").resolve()
+        self._jobs: queue.Queue[UploadJob] = queue.Queue(maxsize=max_queue)
+        self._to_sync: dict[str, UploadJob] = {}  # run_id -> policy, for links and pruning
+        self._syncing: set[str] = set()
+        self._busy: dict[str, int] = {}  # run_id -> jobs submitted and not done
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._clients: dict[str, Any] = {}
+        self._experiments: dict[str, str] = {}
+        self._tagged_runs: set[str] = set()
+
+    # -- called from the training side ------------------------------------------------
+
+    def submit(self, job: UploadJob) -> None:
+        """Queue a checkpoint; blocks only while ``max_queue`` are already waiting."""
+        with self._cond:
+            self._busy[job.run_id] = self._busy.get(job.run_id, 0) + 1
+            self._ensure_thread()
+        self._jobs.put(job)
+
+    def request_sync(self, job: UploadJob) -> None:
+        """Link newly logged metrics and prune for this run, soon, off the training thread."""
+        with self._cond:
+            self._to_sync[job.run_id] = job
+            self._ensure_thread()
+            self._cond.notify_all()
+
+    def flush(self, run_id: str | None = None, timeout: float | None = None) -> bool:
+        """Wait until the run's (or every) checkpoint is uploaded or given up on."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def done() -> bool:
+            if run_id is None:
+                return not any(self._busy.values()) and not self._to_sync and not self._syncing
+            return not self._busy.get(run_id) and run_id not in self._to_sync and run_id not in self._syncing
+
+        with self._cond:
+            while not done():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(timeout=0.1 if remaining is None else min(remaining, 0.1))
+        return True
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="mlflow-ema-uploader", daemon=True)
+            self._thread.start()
+
+    # -- the background thread -----------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=0.05)
+            except queue.Empty:
+                job = None
+            if job is not None:
+                try:
+                    self._upload(job)
+                except Exception as e:  # a bug, not a network fault: report, keep the thread alive
+                    _logger.exception("mlflow-ema: checkpoint upload crashed")
+                    self.ledger.record_failure(job.run_id, f"upload crashed: {e}")
+                self._sync(job)
+                with self._cond:
+                    self._busy[job.run_id] -= 1
+                    self._cond.notify_all()
+            with self._cond:
+                pending, self._to_sync = self._to_sync, {}
+                self._syncing = set(pending)
+            for sync_job in pending.values():
+                try:
+                    self._sync(sync_job)
+                except Exception as e:
+                    _logger.warning("mlflow-ema: linking metrics for run %s failed: %s", sync_job.run_id, e)
+            if pending:
+                with self._cond:
+                    self._syncing = set()
+                    self._cond.notify_all()
+
+    def _client(self, tracking_uri: str):
+        if tracking_uri not in self._clients:
+            from mlflow import MlflowClient
+
+            self._clients[tracking_uri] = MlflowClient(tracking_uri)
+        return self._clients[tracking_uri]
+
+    def _experiment_id(self, client, run_id: str) -> str:
+        if run_id not in self._experiments:
+            run = self.retry.call("get_run", lambda: client.get_run(run_id))
+            self._experiments[run_id] = run.info.experiment_id
+        return self._experiments[run_id]
+
+    def _upload(self, job: UploadJob) -> None:
+        client = self._client(job.tracking_uri)
+        if job.run_tags and job.run_id not in self._tagged_runs:
+            try:
+                self.retry.call(
+                    "set_tags", lambda: [client.set_tag(job.run_id, k, v) for k, v in job.run_tags.items()]
+                )
+                self._tagged_runs.add(job.run_id)
+            except Exception as e:
+                _logger.warning("mlflow-ema: could not tag run %s: %s", job.run_id, e)
+        with tempfile.TemporaryDirectory(prefix="mlflow-ema-") as tmp:
+            for part in job.parts:
+                folder = Path(tmp) / part.record.name
+                manifest = save_checkpoint(
+                    folder,
+                    part.state.wait(),
+                    kind=part.record.kind,
+                    step=part.record.step,
+                    epoch=part.record.epoch,
+                    ema_decay=part.ema_decay,
+                    ema_updates=part.ema_updates,
+                    init_fingerprint=part.init_fingerprint,
+                    training_state=part.training_state.wait() if part.training_state else None,
+                )
+                part.state = part.training_state = None  # free the snapshot's memory early
+                try:
+                    self._log_model(client, job, part.record, folder, manifest, part.tags)
+                except Exception as e:
+                    self._keep_unsent(job, part.record, folder, e)
+
+    def _log_model(
+        self, client, job: UploadJob, record: CheckpointRecord, folder: Path, manifest, tags
+    ) -> None:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        tags = {
+            **tags,
+            TAG_KIND: record.kind,
+            TAG_STEP: str(record.step),
+            TAG_ALL_FINITE: str(manifest.all_finite).lower(),
+            TAG_SHA256: manifest.files[WEIGHTS_FILE]["sha256"],
+            TAG_FORMAT_VERSION: str(manifest.format_version),
+            TAG_TRAINING_STATE: str(len(manifest.files) > 1).lower(),
+        }
+        if record.epoch is not None:
+            tags[TAG_EPOCH] = str(record.epoch)
+        if manifest.init_fingerprint:
+            tags[TAG_INIT_FINGERPRINT] = manifest.init_fingerprint
+        experiment_id = self._experiment_id(client, job.run_id)
+        if record.model_id is None:
+            model = self.retry.call(
+                "create_logged_model",
+                lambda: client.create_logged_model(
+                    experiment_id, name=record.name, source_run_id=job.run_id, tags=tags
+                ),
+            )
+            record.model_id = model.model_id
+        output = LoggedModelOutput(record.model_id, step=record.step)
+        self.retry.call("log_outputs", lambda: client.log_outputs(job.run_id, [output]))
+        self.retry.call(
+            "log_model_artifacts", lambda: client.log_model_artifacts(record.model_id, str(folder))
+        )
+        self._link(client, record)
+        self.retry.call(
+            "finalize_logged_model",
+            lambda: client.finalize_logged_model(record.model_id, LoggedModelStatus.READY),
+        )
+        record.status = "ready"
+
+    def _link(self, client, record: CheckpointRecord) -> None:
+        from mlflow.entities import Metric
+
+        metrics = self.ledger.unlinked_metrics(record)
+        if not metrics or record.model_id is None:
+            return
+        batch = [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=record.model_id, run_id=record.run_id)
+            for m in metrics
+        ]
+        self.retry.call("link metrics", lambda: client.log_batch(record.run_id, metrics=batch))
+        record.linked.update((m.key, m.seq) for m in metrics)
+
+    def _sync(self, job: UploadJob) -> None:
+        client = self._client(job.tracking_uri)
+        for record in self.ledger.checkpoints(job.run_id):
+            if record.status == "ready":
+                self._link(client, record)
+        if job.keep_top_k is not None and job.monitor:
+            self.prune(job, final=False)
+
+    def prune(self, job: UploadJob, *, final: bool) -> None:
+        """Delete the checkpoints that ``keep_top_k`` supersedes (MLflow's soft delete;
+        ``mlflow gc`` reclaims their artifacts)."""
+        client = self._client(job.tracking_uri)
+        for record in self.ledger.superseded(
+            job.run_id, keep_top_k=job.keep_top_k, monitor=job.monitor, mode=job.mode, final=final
+        ):
+            self.retry.call("delete_logged_model", lambda r=record: client.delete_logged_model(r.model_id))
+            record.status = "deleted"
+
+    def _keep_unsent(self, job: UploadJob, record: CheckpointRecord, folder: Path, error: Exception) -> None:
+        from mlflow.entities import LoggedModelStatus
+
+        record.status = "failed"
+        if record.model_id is not None:
+            # So the UI shows it failed rather than pending forever; best effort.
+            with contextlib.suppress(Exception):
+                self._client(job.tracking_uri).finalize_logged_model(
+                    record.model_id, LoggedModelStatus.FAILED
+                )
+        destination = self.unsent_dir / job.run_id / record.name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.exists():
+            shutil.rmtree(destination)
+        shutil.move(str(folder), destination)
+        message = f"{record.name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} (kept at {destination})"
+        self.ledger.record_failure(job.run_id, message)
+        _logger.warning("mlflow-ema: could not upload checkpoint %s", message)
