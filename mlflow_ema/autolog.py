@@ -60,6 +60,7 @@ _logger = logging.getLogger("mlflow_ema")
 RUN_TAG_MODEL_CLASS = "mlflow_ema.model_class"
 RUN_TAG_MODEL_FACTORY = "mlflow_ema.model_factory"
 RUN_TAG_MODEL_KWARGS = "mlflow_ema.model_kwargs"
+_COUNTERS = {"epoch", "step", "global_step"}  # bookkeeping Lightning logs: no ema/ prefix
 
 
 @dataclasses.dataclass
@@ -134,7 +135,7 @@ class _Session:
         self._patches: list[tuple[Any, str, Any]] = []
         self._prefix_threads: set[int] = set()
         self._warned: set[str] = set()
-        self._steps = 0  # optimizer steps of watched models, for epoch detection
+        self.train_steps = 0  # optimizer steps of watched models: which weights a metric saw
         self._atexit = False
 
     # -- messages ---------------------------------------------------------------------
@@ -220,7 +221,6 @@ class _Session:
             register_optimizer_step_post_hook(self.after_step),
         ]
         self.install_epoch_detection()
-        self.install_lightning()
 
     def install_epoch_detection(self) -> None:
         from torch.utils.data.dataloader import _BaseDataLoaderIter
@@ -230,27 +230,17 @@ class _Session:
 
         def patched_next(self_iter: Any) -> Any:
             if getattr(self_iter, "_num_yielded", 1) == 0:
-                self_iter._mlflow_ema_steps = session._steps
+                self_iter._mlflow_ema_steps = session.train_steps
             try:
                 return original(self_iter)
             except StopIteration:
                 started = getattr(self_iter, "_mlflow_ema_steps", None)
-                if started is not None and session._steps > started:
+                if started is not None and session.train_steps > started:
                     self_iter._mlflow_ema_steps = None
                     session.on_epoch_end()
                 raise
 
         self.patch(_BaseDataLoaderIter, "__next__", patched_next)
-
-    def install_lightning(self) -> None:
-        for module_name in ("lightning.pytorch", "pytorch_lightning"):
-            try:
-                module = __import__(module_name, fromlist=["Trainer"])
-            except ImportError:
-                continue
-            from mlflow_ema.lightning import add_callback_to_fit
-
-            self.patch(module.Trainer, "fit", add_callback_to_fit(module.Trainer.fit))
 
     def uninstall(self) -> None:
         for hook in self._global_hooks:
@@ -269,8 +259,22 @@ class _Session:
 
     # -- metrics ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def prefix_metrics(self) -> Iterator[None]:
+        """Metrics logged to MLflow from this thread get the ``ema/`` prefix meanwhile."""
+        ident = threading.get_ident()
+        self._prefix_threads.add(ident)
+        try:
+            yield
+        finally:
+            self._prefix_threads.discard(ident)
+
     def prefixed(self, key: str) -> str:
-        if threading.get_ident() in self._prefix_threads and not key.startswith(EMA_PREFIX):
+        if (
+            threading.get_ident() in self._prefix_threads
+            and not key.startswith(EMA_PREFIX)
+            and key not in _COUNTERS
+        ):
             return EMA_PREFIX + key
         return key
 
@@ -278,7 +282,7 @@ class _Session:
         if not metrics or not _rank_zero():
             return
         for key, value, step, timestamp in metrics:
-            self.ledger.observe_metric(run_id, key, value, step, timestamp)
+            self.ledger.observe_metric(run_id, key, value, step, timestamp, self.train_steps)
         if self.ledger.checkpoints(run_id):
             self.uploader.request_sync(self.job_for(run_id, client.tracking_uri))
 
@@ -355,7 +359,7 @@ class _Session:
 
     def step(self, w: _Watched) -> None:
         w.ema.update()
-        self._steps += 1
+        self.train_steps += 1
         run = _active_run()
         w.run_id = run[0] if run else None
         n = self.config.checkpoint_every_n_steps
@@ -417,7 +421,8 @@ class _Session:
             training_state = take_snapshot(training_state_of(w, step=step, epoch=epoch))
         parts = []
         for kind, state in (("raw", w.model.state_dict()), ("ema", w.ema.model_state_dict())):
-            record = self.ledger.add_checkpoint(run_id, kind, step, epoch, f"{w.prefix}{kind}-step{step}")
+            name = f"{w.prefix}{kind}-step{step}"
+            record = self.ledger.add_checkpoint(run_id, kind, step, epoch, name, self.train_steps)
             parts.append(
                 CheckpointPart(
                     record,
@@ -718,16 +723,11 @@ def swap(model: nn.Module | None = None) -> Iterator[None]:
     and metrics logged to MLflow from this thread meanwhile get the ``ema/`` prefix
     (``val_acc`` -> ``ema/val_acc``), so they link to the EMA checkpoint of their step."""
     session = _SESSION
-    targets = session.select(model)
-    ident = threading.get_ident()
     with contextlib.ExitStack() as stack:
-        for w in targets:
+        for w in session.select(model):
             stack.enter_context(w.ema.swap())
-        session._prefix_threads.add(ident)
-        try:
-            yield
-        finally:
-            session._prefix_threads.discard(ident)
+        stack.enter_context(session.prefix_metrics())
+        yield
 
 
 def get_ema(model: nn.Module | None = None) -> EMA:

@@ -3,10 +3,10 @@ and which checkpoints ``keep_top_k`` supersedes. Pure bookkeeping, no I/O.
 
 Linking rule. A checkpoint is linked to the metrics the run logs
 
-- at the checkpoint's step (MLflow's convention, as ``log_model(step=...)`` does), and
-- for every other metric name, the first value logged after the checkpoint was taken
-  and before the next one: the evaluation that usually follows a checkpoint, whatever
-  ``step`` the loop logs it with.
+- at the checkpoint's ``step`` (MLflow's convention, as ``log_model(step=...)`` does), or
+- with no optimizer step between the checkpoint and the metric: the metric was computed
+  on the checkpoint's weights, whatever ``step`` the loop logs it with (an evaluation
+  right before or after a checkpoint, Lightning's validation, ``log_checkpoint(metrics=)``).
 
 Metrics named ``ema/...`` go to the EMA checkpoint, all others to the raw one.
 """
@@ -26,7 +26,8 @@ class MetricRecord:
     value: float
     step: int
     timestamp: int
-    seq: int  # order in which this process saw it
+    train_step: int  # optimizer steps the process had taken when it was logged
+    seq: int  # identifies it
 
 
 @dataclasses.dataclass
@@ -36,7 +37,7 @@ class CheckpointRecord:
     step: int
     epoch: int | None
     name: str
-    seq: int  # metrics with a larger seq were logged after the checkpoint was taken
+    train_step: int  # optimizer steps the process had taken when it was snapshotted
     model_id: str | None = None
     status: str = "pending"  # pending -> ready | failed; ready -> deleted
     linked: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (key, seq)
@@ -60,18 +61,19 @@ class Ledger:
     def _run(self, run_id: str) -> _Run:
         return self._runs.setdefault(run_id, _Run())
 
-    def observe_metric(self, run_id: str, key: str, value: float, step: int, timestamp: int) -> None:
+    def observe_metric(
+        self, run_id: str, key: str, value: float, step: int, timestamp: int, train_step: int
+    ) -> None:
         with self._lock:
             self._seq += 1
-            self._run(run_id).metrics.append(
-                MetricRecord(key, float(value), int(step), int(timestamp), self._seq)
-            )
+            metric = MetricRecord(key, float(value), int(step), int(timestamp), train_step, self._seq)
+            self._run(run_id).metrics.append(metric)
 
     def add_checkpoint(
-        self, run_id: str, kind: str, step: int, epoch: int | None, name: str
+        self, run_id: str, kind: str, step: int, epoch: int | None, name: str, train_step: int
     ) -> CheckpointRecord:
         with self._lock:
-            record = CheckpointRecord(run_id, kind, step, epoch, name, seq=self._seq)
+            record = CheckpointRecord(run_id, kind, step, epoch, name, train_step)
             self._run(run_id).checkpoints.append(record)
             return record
 
@@ -110,22 +112,14 @@ class Ledger:
         """Metrics that belong to ``record`` (see the module docstring) and are not linked yet."""
         with self._lock:
             run = self._runs.get(record.run_id)
-            if run is None:
-                return []
-            later = [c.seq for c in run.checkpoints if c.seq > record.seq]
-            window_end = min(later) if later else math.inf
-            first_in_window: dict[str, MetricRecord] = {}
-            at_step = []
-            for metric in run.metrics:
-                if metric.key.startswith(EMA_PREFIX) != (record.kind == "ema"):
-                    continue
-                if metric.step == record.step:
-                    at_step.append(metric)
-                elif record.seq < metric.seq <= window_end:  # a checkpoint's seq is the last metric before it
-                    first_in_window.setdefault(metric.key, metric)
-            step_keys = {m.key for m in at_step}
-            chosen = at_step + [m for k, m in first_in_window.items() if k not in step_keys]
-            return [m for m in chosen if (m.key, m.seq) not in record.linked]
+            metrics = list(run.metrics) if run else []
+        return [
+            m
+            for m in metrics
+            if m.key.startswith(EMA_PREFIX) == (record.kind == "ema")
+            and (m.step == record.step or m.train_step == record.train_step)
+            and (m.key, m.seq) not in record.linked
+        ]
 
     def linked_value(self, record: CheckpointRecord, key: str) -> float | None:
         """The value of ``key`` linked to ``record`` (the one at its step first)."""
@@ -145,16 +139,16 @@ class Ledger:
         one. While the run goes on, a checkpoint whose value is not known yet is kept;
         at the end (``final``) it ranks last."""
         records = [c for c in self.checkpoints(run_id) if c.status in ("pending", "ready")]
-        taken = sorted({c.seq for c in records})  # raw and EMA of one moment share a seq
+        taken = sorted({c.train_step for c in records})  # raw and EMA of one moment share it
         if not taken:
             return []
         scores: dict[int, float | None] = {}
-        for seq in taken:
-            known = [self.linked_value(c, monitor) for c in records if c.seq == seq]
+        for moment in taken:
+            known = [self.linked_value(c, monitor) for c in records if c.train_step == moment]
             known = [v for v in known if v is not None and not math.isnan(v)]
-            scores[seq] = known[0] if known else None
+            scores[moment] = known[0] if known else None
         candidates = [s for s in taken[:-1] if final or scores[s] is not None]
         sign = -1.0 if mode == "max" else 1.0
         ranked = sorted(candidates, key=lambda s: (scores[s] is None, sign * (scores[s] or 0.0), -s))
         dropped = set(ranked[keep_top_k:])
-        return [c for c in records if c.seq in dropped and c.status == "ready"]
+        return [c for c in records if c.train_step in dropped and c.status == "ready"]

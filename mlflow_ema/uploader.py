@@ -95,7 +95,7 @@ class Uploader:
     def __init__(self, ledger: Ledger, *, max_queue: int = 2, retry: RetryPolicy | None = None) -> None:
         self.ledger = ledger
         self.retry = retry or RetryPolicy()
-        self.unsent_dir = Path("mlflow-ema-unsent").resolve()
+        self.unsent_dir: Path | None = None  # default: ./mlflow-ema-unsent when a failure happens
         self._jobs: queue.Queue[UploadJob] = queue.Queue(maxsize=max_queue)
         self._to_sync: dict[str, UploadJob] = {}  # run_id -> policy, for links and pruning
         self._syncing: set[str] = set()
@@ -298,7 +298,7 @@ class Uploader:
                 self._client(job.tracking_uri).finalize_logged_model(
                     record.model_id, LoggedModelStatus.FAILED
                 )
-        destination = self.unsent_dir / job.run_id / record.name
+        destination = (self.unsent_dir or Path.cwd() / "mlflow-ema-unsent") / job.run_id / record.name
         destination.parent.mkdir(parents=True, exist_ok=True)
         if destination.exists():
             shutil.rmtree(destination)

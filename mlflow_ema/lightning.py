@@ -1,0 +1,216 @@
+"""A Lightning callback that keeps an EMA of the LightningModule and logs raw and EMA
+checkpoints to MLflow (install the ``lightning`` extra).
+
+::
+
+    trainer = lightning.pytorch.Trainer(callbacks=[EMACallback(decay=0.999)], logger=MLFlowLogger(...))
+
+What it does, and where things go:
+
+- after every optimizer step (``trainer.global_step`` advanced), ``ema.update()``;
+- validation runs with the EMA weights swapped in (``validate_with_ema=True``); the
+  raw weights are back when validation ends. Lightning's ``callback_metrics`` (what
+  ``ModelCheckpoint`` and ``EarlyStopping`` monitor) keep their names; what reaches
+  MLflow from the validation loop is prefixed ``ema/`` (``val_acc`` -> ``ema/val_acc``).
+  ``mlflow.pytorch.autolog()`` logs ``callback_metrics`` at epoch end, outside
+  validation, so its ``val_*`` values are the EMA's too;
+- raw and EMA checkpoints become MLflow LoggedModels of the run: the MLFlowLogger's
+  run, else the active run (e.g. the one ``mlflow.pytorch.autolog()`` starts), every
+  ``checkpoint_every_n_epochs`` after validation and at the end of ``fit``; all are
+  uploaded before ``fit`` returns;
+- the LightningModule's class path and ``hparams`` are recorded on the run, so the
+  model can be rebuilt without pickle;
+- Lightning's own ``.ckpt`` files carry the EMA state (``state_dict`` of this
+  callback), so ``trainer.fit(ckpt_path=...)`` resumes it.
+
+``mlflow_ema.autolog()`` adds this callback to every Trainer created afterwards
+(through Lightning's ``lightning.pytorch.callbacks_factory`` entry point) unless the
+Trainer already has one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from mlflow_ema.autolog import _SESSION, _active_run, _Watched
+from mlflow_ema.ema import EMA
+from mlflow_ema.schedules import DecaySchedule
+
+RUN_TAG_MODEL_HPARAMS = "mlflow_ema.model_hparams"
+
+
+class EMACallback(pl.Callback):
+    """Keep an EMA of the LightningModule, validate with it, log raw and EMA checkpoints.
+
+    Args:
+        decay, update_every, start_step, ema_dtype, ema_device: as for :class:`mlflow_ema.EMA`
+            (``decay`` defaults to autolog's ``WarmupDecay(0.9999, power=3/4)``).
+        validate_with_ema: run validation with the EMA weights.
+        checkpoint_every_n_epochs: checkpoint after every N-th validation (None: only at the end).
+        checkpoint_at_end: checkpoint when ``fit`` ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        decay: float | DecaySchedule | None = None,
+        update_every: int = 1,
+        start_step: int = 0,
+        ema_dtype: torch.dtype | None = None,
+        ema_device: str | torch.device | None = None,
+        validate_with_ema: bool = True,
+        checkpoint_every_n_epochs: int | None = None,
+        checkpoint_at_end: bool = True,
+    ) -> None:
+        self.ema_kwargs = {
+            "decay": _SESSION.config.decay if decay is None else decay,
+            "update_every": update_every,
+            "start_step": start_step,
+            "dtype": ema_dtype,
+            "device": ema_device,
+        }
+        self.validate_with_ema = validate_with_ema
+        self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
+        self.checkpoint_at_end = checkpoint_at_end
+        self.ema: EMA | None = None
+        self._auto = False  # added by autolog's entry point
+        self._watched: _Watched | None = None
+        self._last_step = 0
+        self._swap: contextlib.ExitStack | None = None
+        self._restored: dict[str, Any] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        # autolog's copy stands down when the user configured one of their own
+        return not (
+            self._auto and any(isinstance(cb, EMACallback) and not cb._auto for cb in trainer.callbacks)
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self._active(trainer):
+            return
+        if self.ema is None:
+            self.ema = EMA(pl_module, **self.ema_kwargs)
+        if self._restored is not None:
+            self.ema.load_state_dict(self._restored["ema"])
+            self._last_step = self._restored["last_step"]
+            self._restored = None
+        _SESSION.install_common()
+        self._watched = _SESSION.add(pl_module, [], owner="lightning", ema=self.ema)
+        self._watched.run_tags[RUN_TAG_MODEL_HPARAMS] = json.dumps(_plain(dict(pl_module.hparams)))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unswap()
+        if self._watched in _SESSION.watched:
+            _SESSION.watched.remove(self._watched)
+        self._watched = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._unswap()  # never leave the EMA weights in the model
+
+    # -- the EMA ----------------------------------------------------------------------------
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._watched is None or trainer.global_step <= self._last_step:
+            return  # gradient accumulation: no optimizer step in this batch
+        self._last_step = trainer.global_step
+        self.ema.update()
+        _SESSION.train_steps += 1
+        run = _run_of(trainer)
+        self._watched.run_id = run[0] if run else None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._watched is None or not self.validate_with_ema or trainer.sanity_checking:
+            return
+        self._swap = contextlib.ExitStack()
+        self._swap.enter_context(self.ema.swap())
+        self._swap.enter_context(_SESSION.prefix_metrics())
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unswap()
+        n = self.checkpoint_every_n_epochs
+        if (
+            self._watched is not None
+            and not trainer.sanity_checking
+            and n
+            and (trainer.current_epoch + 1) % n == 0
+        ):
+            self._checkpoint(trainer, epoch=trainer.current_epoch + 1)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._watched is None:
+            return
+        if self.checkpoint_at_end and self.ema.step > 0:
+            self._checkpoint(trainer, epoch=trainer.current_epoch + 1)
+        run = _run_of(trainer)
+        if run is not None:
+            _SESSION.uploader.flush(run[0])
+
+    def _checkpoint(self, trainer: pl.Trainer, *, epoch: int) -> None:
+        self._watched.epoch = epoch
+        _SESSION.checkpoint(self._watched, step=trainer.global_step, epoch=epoch, run=_run_of(trainer))
+
+    def _unswap(self) -> None:
+        if self._swap is not None:
+            self._swap.close()
+            self._swap = None
+
+    # -- Lightning checkpoints ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.ema is None else {"ema": self.ema.state_dict(), "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            if self.ema is not None:
+                self.ema.load_state_dict(state_dict["ema"])
+                self._last_step = state_dict["last_step"]
+            else:
+                self._restored = state_dict
+
+
+def _run_of(trainer: pl.Trainer) -> tuple[str, str] | None:
+    """The MLFlowLogger's run, else the active run."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger) and logger.run_id:
+            return logger.run_id, logger.experiment.tracking_uri
+    return _active_run()
+
+
+def _plain(value: Any) -> Any:
+    """hparams as JSON: what cannot be written as JSON is written as its repr."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def autolog_callbacks() -> list[pl.Callback]:
+    """Lightning's ``callbacks_factory`` entry point: the callback, while autolog is on."""
+    if not _SESSION.autolog_on:
+        return []
+    c = _SESSION.config
+    callback = EMACallback(
+        decay=c.decay,
+        update_every=c.update_every,
+        start_step=c.start_step,
+        ema_dtype=c.ema_dtype,
+        ema_device=c.ema_device,
+        checkpoint_every_n_epochs=c.checkpoint_every_n_epochs,
+        checkpoint_at_end=c.checkpoint_at_end,
+    )
+    callback._auto = True
+    return [callback]
