@@ -136,7 +136,6 @@ class _Session:
         self._prefix_threads: set[int] = set()
         self._warned: set[str] = set()
         self.train_steps = 0  # optimizer steps of watched models: which weights a metric saw
-        self._atexit = False
 
     # -- messages ---------------------------------------------------------------------
 
@@ -204,9 +203,6 @@ class _Session:
         self.patch(MlflowClient, "log_metric", patched_log_metric)
         self.patch(MlflowClient, "log_batch", patched_log_batch)
         self.patch(MlflowClient, "set_terminated", patched_set_terminated)
-        if not self._atexit:
-            atexit.register(_flush_at_exit)
-            self._atexit = True
 
     def install_autolog(self) -> None:
         if self._global_hooks:
@@ -241,6 +237,12 @@ class _Session:
                 raise
 
         self.patch(_BaseDataLoaderIter, "__next__", patched_next)
+
+    def reset(self) -> None:
+        """Back to a fresh session (tests, and a process that runs several jobs)."""
+        self.uploader.flush(timeout=600)
+        self.uninstall()
+        self.__init__()
 
     def uninstall(self) -> None:
         for hook in self._global_hooks:
@@ -556,6 +558,9 @@ def _flush_at_exit() -> None:
     # Runs still open are ended after this by MLflow's own exit handler, which reports.
     if not _SESSION.uploader.flush(timeout=600):
         _logger.warning("mlflow-ema: checkpoints were still uploading at exit")
+
+
+atexit.register(_flush_at_exit)
 
 
 # -- the public API ---------------------------------------------------------------------------

@@ -1,7 +1,17 @@
-"""Shared fixtures: scikit-learn's bundled digits (real data, no download)."""
+"""Shared fixtures: scikit-learn's bundled digits (real data, no download), a real MLflow
+sqlite store per test, and a real ``mlflow server`` on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
 import pytest
 import torch
 
@@ -12,3 +22,88 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
     x, y = load_digits(return_X_y=True)
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store in a temporary working directory, and a fresh
+    mlflow-ema session (no hooks left from other tests)."""
+    from mlflow_ema.autolog import _SESSION
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    _SESSION.reset()
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    _SESSION.reset()
+    mlflow.set_tracking_uri(None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` with a sqlite backend and proxied artifacts, one worker, on a free port."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(folder / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
+                if response.status == 200:
+                    return proc, uri
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("mlflow server did not answer /health within 90 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One live tracking server for the whole test session."""
+    proc, uri = start_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    stop_server(proc)
