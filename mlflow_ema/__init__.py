@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 from mlflow_ema._version import __version__
 
 _EXPORTS = {
-    "autolog": "mlflow_ema.autolog",
-    "watch": "mlflow_ema.autolog",
-    "log_checkpoint": "mlflow_ema.autolog",
-    "swap": "mlflow_ema.autolog",
-    "flush": "mlflow_ema.autolog",
-    "resume": "mlflow_ema.autolog",
-    "get_ema": "mlflow_ema.autolog",
-    "ResumeInfo": "mlflow_ema.autolog",
+    "autolog": "mlflow_ema.tracking",
+    "watch": "mlflow_ema.tracking",
+    "log_checkpoint": "mlflow_ema.tracking",
+    "swap": "mlflow_ema.tracking",
+    "flush": "mlflow_ema.tracking",
+    "resume": "mlflow_ema.tracking",
+    "get_ema": "mlflow_ema.tracking",
+    "ResumeInfo": "mlflow_ema.tracking",
     "EMA": "mlflow_ema.ema",
     "unwrap_model": "mlflow_ema.ema",
     "ConstantDecay": "mlflow_ema.schedules",
@@ -87,7 +87,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from mlflow_ema.autolog import ResumeInfo, autolog, flush, get_ema, log_checkpoint, resume, swap, watch
     from mlflow_ema.checkpoint import (
         Checkpoint,
         Manifest,
@@ -112,3 +111,4 @@ if TYPE_CHECKING:
         RampDecay,
         WarmupDecay,
     )
+    from mlflow_ema.tracking import ResumeInfo, autolog, flush, get_ema, log_checkpoint, resume, swap, watch

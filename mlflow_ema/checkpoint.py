@@ -101,8 +101,9 @@ class Checkpoint(NamedTuple):
 def init_fingerprint(state_dict: Mapping[str, Any]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors.
 
-    Taken before the first EMA update, it tells whether two runs started from the
-    same weights: averaging runs that did not gives garbage.
+    :class:`mlflow_ema.EMA` takes it over the model's parameters when it is built
+    (before the first update): it tells whether two runs started from the same
+    weights, and averaging runs that did not gives garbage.
     """
     digest = hashlib.sha256()
     for name in sorted(state_dict):

@@ -201,8 +201,9 @@ class EMA:
                 )
                 for name, t in self._layout.averaged.items()
             }
-        # Identifies the starting weights: averaging later refuses runs that differ.
-        self.init_fingerprint = init_fingerprint(self._model.state_dict())
+        # Identifies the starting weights: averaging later refuses runs that differ. Parameters
+        # only: BatchNorm statistics already move in the forward pass before the first step.
+        self.init_fingerprint = init_fingerprint(dict(self._model.named_parameters()))
         self._swapped = False
         self._pending: list[tuple[Any, _Group, str, float]] = []
         self._plan = self._build_plan()

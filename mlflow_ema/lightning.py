@@ -37,9 +37,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from mlflow_ema.autolog import _SESSION, _active_run, _Watched
 from mlflow_ema.ema import EMA
 from mlflow_ema.schedules import DecaySchedule
+from mlflow_ema.tracking import _SESSION, _active_run, _Watched
 
 RUN_TAG_MODEL_HPARAMS = "mlflow_ema.model_hparams"
 

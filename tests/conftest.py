@@ -28,7 +28,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 def tracking(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store in a temporary working directory, and a fresh
     mlflow-ema session (no hooks left from other tests)."""
-    from mlflow_ema.autolog import _SESSION
+    from mlflow_ema.tracking import _SESSION
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -60,6 +60,10 @@ _logger = logging.getLogger("mlflow_ema")
 RUN_TAG_MODEL_CLASS = "mlflow_ema.model_class"
 RUN_TAG_MODEL_FACTORY = "mlflow_ema.model_factory"
 RUN_TAG_MODEL_KWARGS = "mlflow_ema.model_kwargs"
+NO_RUN_MESSAGE = (
+    "no active MLflow run: the EMA is kept but no checkpoint is logged "
+    "(train inside `with mlflow.start_run():`)"
+)
 _COUNTERS = {"epoch", "step", "global_step"}  # bookkeeping Lightning logs: no ema/ prefix
 
 
@@ -322,6 +326,8 @@ class _Session:
             if w.model is model:  # another optimizer of a watched model: the first one drives
                 w.optimizers.append(optimizer)
                 return w
+        if _rank_zero() and _active_run() is None:
+            self.warn_once("no-run", NO_RUN_MESSAGE)
         return self.add(model, [optimizer], owner="autolog")
 
     def add(
@@ -407,11 +413,7 @@ class _Session:
             return False
         run = run or _active_run()
         if run is None:
-            self.warn_once(
-                "no-run",
-                "no active MLflow run: the EMA is kept but no checkpoint is logged "
-                "(train inside `with mlflow.start_run():`)",
-            )
+            self.warn_once("no-run", NO_RUN_MESSAGE)
             return False
         run_id, tracking_uri = run
         step = w.ema.step if step is None else int(step)
