@@ -8,6 +8,7 @@ until the copy stream has caught up; on the CPU they are plain clones.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,11 +24,35 @@ class Snapshot:
     _event: Any = None
 
     def wait(self) -> Any:
-        """The copied structure, once every asynchronous device copy has landed."""
+        """The copied structure, once every asynchronous device copy has landed and
+        every :class:`Later` in a top-level dict has been taken."""
         if self._event is not None:
             self._event.synchronize()
             self._event = None
+        if isinstance(self.value, dict):
+            return {k: v.wait() if isinstance(v, Later) else v for k, v in self.value.items()}
         return self.value
+
+
+class Later:
+    """A part of a snapshot taken at a later moment (another thread waits for it).
+
+    A training step's checkpoint is taken right after ``optimizer.step()``, but the
+    loop steps its LR scheduler after that: the scheduler's state is taken when the
+    next step begins, so a resumed run continues with the right learning rate.
+    """
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._snapshot: Snapshot | None = None
+
+    def take(self, value: Any) -> None:
+        self._snapshot = take_snapshot(value)
+        self._done.set()
+
+    def wait(self) -> Any:
+        self._done.wait()
+        return self._snapshot.wait()
 
 
 def take_snapshot(value: Any) -> Snapshot:

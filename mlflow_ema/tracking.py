@@ -43,7 +43,7 @@ from mlflow_ema.ema import EMA, unwrap_model
 from mlflow_ema.errors import CheckpointError, IncompatibleModelError, MlflowEmaError
 from mlflow_ema.ledger import EMA_PREFIX, Ledger
 from mlflow_ema.schedules import DecaySchedule, WarmupDecay
-from mlflow_ema.snapshot import take_snapshot
+from mlflow_ema.snapshot import Later, take_snapshot
 from mlflow_ema.uploader import (
     RUN_TAG_UPLOAD_FAILURES,
     TAG_KIND,
@@ -140,6 +140,7 @@ class _Session:
         self._prefix_threads: set[int] = set()
         self._warned: set[str] = set()
         self.train_steps = 0  # optimizer steps of watched models: which weights a metric saw
+        self._later: list[tuple[_Watched, Later]] = []  # scheduler states still to take
 
     # -- messages ---------------------------------------------------------------------
 
@@ -303,6 +304,17 @@ class _Session:
     def before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer not in self.by_optimizer:
             self.by_optimizer[optimizer] = self.resolve(optimizer)
+        elif self._later:
+            self.settle(self.by_optimizer[optimizer])
+
+    def settle(self, w: _Watched | None = None) -> None:
+        """Take the scheduler states that checkpoints of ``w`` (default: all) wait for."""
+        waiting, self._later = self._later, []
+        for owner, later in waiting:
+            if w is None or owner is w:
+                later.take([s.state_dict() for s in owner.schedulers])
+            else:
+                self._later.append((owner, later))
 
     def after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         w = self.by_optimizer.get(optimizer)
@@ -422,7 +434,9 @@ class _Session:
             return False
         training_state = None
         if self.config.log_training_state:
-            training_state = take_snapshot(training_state_of(w, step=step, epoch=epoch))
+            later = Later()
+            self._later.append((w, later))
+            training_state = take_snapshot({**training_state_of(w, step=step, epoch=epoch), "schedulers": later})
         parts = []
         for kind, state in (("raw", w.model.state_dict()), ("ema", w.ema.model_state_dict())):
             name = f"{w.prefix}{kind}-step{step}"
@@ -458,6 +472,7 @@ class _Session:
         if not self.ledger.checkpoints(run_id) and not self.ledger.failures(run_id):
             return
         job = self.job_for(run_id, tracking_uri)
+        self.settle()
         self.uploader.flush(run_id)
         if job.keep_top_k is not None and job.monitor:
             try:
@@ -541,7 +556,6 @@ def training_state_of(w: _Watched, *, step: int, epoch: int | None) -> dict[str,
         "step": step,
         "epoch": epoch,
         "optimizers": [o.state_dict() for o in w.optimizers],
-        "schedulers": [s.state_dict() for s in w.schedulers],
         "ema": w.ema.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
@@ -558,6 +572,7 @@ _SESSION = _Session()
 
 def _flush_at_exit() -> None:
     # Runs still open are ended after this by MLflow's own exit handler, which reports.
+    _SESSION.settle()
     if not _SESSION.uploader.flush(timeout=600):
         _logger.warning("mlflow-ema: checkpoints were still uploading at exit")
 
@@ -694,8 +709,14 @@ def watch(
     for opt in optimizers:
         session.by_optimizer[opt] = w
     if optimizers:  # the first optimizer's steps drive the EMA
-        handle = optimizers[0].register_step_post_hook(lambda *_: session.step(w))
-        optimizers[0]._mlflow_ema_handles = [*getattr(optimizers[0], "_mlflow_ema_handles", ()), handle]
+        opt = optimizers[0]
+
+        def before(*_: Any) -> None:
+            if session._later:
+                session.settle(w)
+
+        handles = [opt.register_step_pre_hook(before), opt.register_step_post_hook(lambda *_: session.step(w))]
+        opt._mlflow_ema_handles = [*getattr(opt, "_mlflow_ema_handles", ()), *handles]
     return w.ema
 
 
@@ -747,6 +768,7 @@ def get_ema(model: nn.Module | None = None) -> EMA:
 
 def flush(timeout: float | None = None) -> bool:
     """Wait until every queued checkpoint is uploaded (or given up on); False on timeout."""
+    _SESSION.settle()
     return _SESSION.uploader.flush(timeout=timeout)
 
 
@@ -825,6 +847,7 @@ def resume(
 def _download_latest_training_state(run_id: str | None, tmp: Path) -> tuple[Path, str, str]:
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
 
     if run_id is None:
         run = mlflow.active_run()
@@ -836,10 +859,10 @@ def _download_latest_training_state(run_id: str | None, tmp: Path) -> tuple[Path
     models = client.search_logged_models(
         experiment_ids=[experiment_id],
         filter_string=(
-            f"source_run_id = '{run_id}' AND tags.`{TAG_KIND}` = 'raw' "
-            f"AND tags.`{TAG_TRAINING_STATE}` = 'true' AND status = 'READY'"
+            f"source_run_id = '{run_id}' AND tags.`{TAG_KIND}` = 'raw' AND tags.`{TAG_TRAINING_STATE}` = 'true'"
         ),
     )
+    models = [m for m in models if m.status == LoggedModelStatus.READY]  # never a half-uploaded one
     if not models:
         raise CheckpointError(
             f"run {run_id} has no complete checkpoint with training state "
