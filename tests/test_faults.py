@@ -1,0 +1,98 @@
+"""Faults during training: the tracking server goes away, and ranks other than 0."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import mlflow
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port, start_server, stop_server
+from helpers import make_net, train_steps
+from mlflow import MlflowClient
+from torch import nn
+
+import mlflow_ema
+from mlflow_ema import load_checkpoint
+from mlflow_ema.tracking import _SESSION
+from mlflow_ema.uploader import RetryPolicy
+
+
+def test_server_unreachable_mid_training_loses_nothing(tmp_path, monkeypatch, digits):
+    proc, uri = start_server(tmp_path / "server")
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        mlflow.set_tracking_uri(uri)
+        _SESSION.reset()
+        _SESSION.uploader.retry = RetryPolicy(attempts=2, backoff=0.1)
+        mlflow_ema.autolog(checkpoint_every_n_steps=5)
+        model = make_net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = mlflow.start_run()
+        train_steps(model, opt, digits, 5)
+        assert mlflow_ema.flush(timeout=60)
+        models = MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+        assert sorted(m.name for m in models) == ["ema-step5", "raw-step5"]
+
+        stop_server(proc)
+        train_steps(model, opt, digits, 5, start=5)  # training goes on while uploads fail
+        assert mlflow_ema.get_ema().step == 10
+        with pytest.warns(UserWarning, match=r"2 checkpoint\(s\) of run .* could not be uploaded"):
+            with pytest.raises(Exception):  # noqa: B017 - MLflow's own end_run cannot reach the server
+                mlflow.end_run()
+        kept = tmp_path / "mlflow-ema-unsent" / run.info.run_id
+        assert sorted(p.name for p in kept.iterdir()) == ["ema-step10", "raw-step10"]
+        state, manifest = load_checkpoint(kept / "raw-step10")  # complete and verified
+        assert manifest.step == 10
+        for key, value in model.state_dict().items():
+            assert torch.equal(state[key], value), key
+    finally:
+        stop_server(proc)
+        while mlflow.active_run():
+            with contextlib.suppress(Exception):
+                mlflow.end_run()
+        _SESSION.reset()
+        mlflow.set_tracking_uri(None)
+
+
+def _rank_main(rank: int, world: int, port: int, uri: str, results) -> None:
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    digits = torch.tensor(x / 16.0, dtype=torch.float32)[rank::world], torch.tensor(y)[rank::world]
+    model = nn.parallel.DistributedDataParallel(make_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = mlflow_ema.watch(model, opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mlflow.start_run() if rank == 0 else contextlib.nullcontext() as run:
+            train_steps(model, opt, digits, 4)
+            mlflow_ema.log_checkpoint(metrics={"val_acc": 0.5})  # called on every rank
+            mlflow_ema.flush()
+    messages = [str(w.message) for w in caught if "mlflow-ema" in str(w.message)]
+    results.put((rank, run.info.run_id if run else None, ema.step, messages))
+    dist.destroy_process_group()
+
+
+def test_only_rank_zero_writes_to_mlflow(tracking):
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.spawn(_rank_main, args=(2, free_port(), tracking, results), nprocs=2, join=True)
+    by_rank = {}
+    while not results.empty():
+        rank, run_id, steps, messages = results.get()
+        by_rank[rank] = (run_id, steps, messages)
+    assert by_rank[0][1] == by_rank[1][1] == 4  # every rank keeps the EMA
+    assert by_rank[1] == (None, 4, [])  # rank 1: no run, no warning, nothing written
+    run_id = by_rank[0][0]
+    models = MlflowClient().search_logged_models(experiment_ids=["0"], filter_string=f"source_run_id = '{run_id}'")
+    assert sorted(m.name for m in models) == ["ema-step4", "raw-step4"]
+    assert len(MlflowClient().search_runs(experiment_ids=["0"])) == 1
