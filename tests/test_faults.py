@@ -43,9 +43,11 @@ def test_server_unreachable_mid_training_loses_nothing(tmp_path, monkeypatch, di
         stop_server(proc)
         train_steps(model, opt, digits, 5, start=5)  # training goes on while uploads fail
         assert mlflow_ema.get_ema().step == 10
-        with pytest.warns(UserWarning, match=r"2 checkpoint\(s\) of run .* could not be uploaded"):
-            with pytest.raises(Exception):  # noqa: B017 - MLflow's own end_run cannot reach the server
-                mlflow.end_run()
+        with (
+            pytest.warns(UserWarning, match=r"2 checkpoint\(s\) of run .* could not be uploaded"),
+            pytest.raises(Exception),  # noqa: B017 - MLflow's own end_run cannot reach the server
+        ):
+            mlflow.end_run()
         kept = tmp_path / "mlflow-ema-unsent" / run.info.run_id
         assert sorted(p.name for p in kept.iterdir()) == ["ema-step10", "raw-step10"]
         state, manifest = load_checkpoint(kept / "raw-step10")  # complete and verified
