@@ -95,6 +95,63 @@ def test_only_rank_zero_writes_to_mlflow(tracking):
     assert by_rank[0][1] == by_rank[1][1] == 4  # every rank keeps the EMA
     assert by_rank[1] == (None, 4, [])  # rank 1: no run, no warning, nothing written
     run_id = by_rank[0][0]
-    models = MlflowClient().search_logged_models(experiment_ids=["0"], filter_string=f"source_run_id = '{run_id}'")
+    models = MlflowClient().search_logged_models(
+        experiment_ids=["0"], filter_string=f"source_run_id = '{run_id}'"
+    )
     assert sorted(m.name for m in models) == ["ema-step4", "raw-step4"]
     assert len(MlflowClient().search_runs(experiment_ids=["0"])) == 1
+
+
+def test_a_failed_upload_never_leaves_a_ready_checkpoint(tracking, digits, monkeypatch, tmp_path):
+    def broken_upload(self, model_id, local_dir, artifact_path=None):
+        raise OSError("connection reset while uploading model.safetensors")
+
+    monkeypatch.setattr(MlflowClient, "log_model_artifacts", broken_upload)
+    _SESSION.uploader.retry = RetryPolicy(attempts=2, backoff=0.01)
+    mlflow_ema.autolog()
+    model = make_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="could not be uploaded"), mlflow.start_run() as run:
+        train_steps(model, opt, digits, 3)
+    models = MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert sorted((m.name, str(m.status)) for m in models) == [
+        ("ema-step3", "FAILED"),
+        ("raw-step3", "FAILED"),
+    ]
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert "connection reset" in tags["mlflow_ema.upload_failures"]
+    assert sorted(p.name for p in (tmp_path / "mlflow-ema-unsent" / run.info.run_id).iterdir()) == [
+        "ema-step3",
+        "raw-step3",
+    ]
+
+
+SCRIPT_WITHOUT_END_RUN = """
+import mlflow, torch, mlflow_ema
+from helpers import make_net
+mlflow_ema.autolog()
+model = make_net()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+run = mlflow.start_run()
+print(run.info.run_id, flush=True)
+for _ in range(3):
+    loss = model(torch.randn(16, 64)).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+# no end_run: MLflow ends the run at interpreter exit, and its checkpoints are uploaded first
+"""
+
+
+def test_checkpoints_are_flushed_at_interpreter_exit(tracking, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT_WITHOUT_END_RUN], capture_output=True, text=True, env=env, check=True
+    )
+    run_id = out.stdout.split()[0]
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    models = MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert sorted((m.name, str(m.status)) for m in models) == [("ema-step3", "READY"), ("raw-step3", "READY")]
