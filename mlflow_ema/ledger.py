@@ -9,6 +9,9 @@ Linking rule. A checkpoint is linked to the metrics the run logs
   right before or after a checkpoint, Lightning's validation, ``log_checkpoint(metrics=)``).
 
 Metrics named ``ema/...`` go to the EMA checkpoint, all others to the raw one.
+
+Memory stays bounded: a metric is kept only while a checkpoint could still claim it
+(until two more optimizer steps have passed), and handed to the checkpoints that do.
 """
 
 from __future__ import annotations
@@ -27,10 +30,9 @@ class MetricRecord:
     step: int
     timestamp: int
     train_step: int  # optimizer steps the process had taken when it was logged
-    seq: int  # identifies it
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class CheckpointRecord:
     run_id: str
     kind: str
@@ -40,12 +42,18 @@ class CheckpointRecord:
     train_step: int  # optimizer steps the process had taken when it was snapshotted
     model_id: str | None = None
     status: str = "pending"  # pending -> ready | failed; ready -> deleted
-    linked: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (key, seq)
+    to_link: list[MetricRecord] = dataclasses.field(default_factory=list)
+    values: dict[str, float] = dataclasses.field(default_factory=dict)  # linked: key -> value
+
+    def claims(self, metric: MetricRecord) -> bool:
+        return metric.key.startswith(EMA_PREFIX) == (self.kind == "ema") and (
+            metric.step == self.step or metric.train_step == self.train_step
+        )
 
 
 @dataclasses.dataclass
 class _Run:
-    metrics: list[MetricRecord] = dataclasses.field(default_factory=list)
+    recent: list[MetricRecord] = dataclasses.field(default_factory=list)
     checkpoints: list[CheckpointRecord] = dataclasses.field(default_factory=list)
     failures: list[str] = dataclasses.field(default_factory=list)
 
@@ -56,25 +64,34 @@ class Ledger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
-        self._seq = 0
 
     def _run(self, run_id: str) -> _Run:
         return self._runs.setdefault(run_id, _Run())
 
     def observe_metric(
         self, run_id: str, key: str, value: float, step: int, timestamp: int, train_step: int
-    ) -> None:
+    ) -> bool:
+        """Record a logged metric; True if a checkpoint already claims it."""
+        metric = MetricRecord(key, float(value), int(step), int(timestamp), train_step)
         with self._lock:
-            self._seq += 1
-            metric = MetricRecord(key, float(value), int(step), int(timestamp), train_step, self._seq)
-            self._run(run_id).metrics.append(metric)
+            run = self._run(run_id)
+            run.recent = [m for m in run.recent if m.train_step >= train_step - 1]
+            run.recent.append(metric)
+            claimed = False
+            for record in run.checkpoints:
+                if record.status in ("pending", "ready") and record.claims(metric):
+                    record.to_link.append(metric)
+                    claimed = True
+            return claimed
 
     def add_checkpoint(
         self, run_id: str, kind: str, step: int, epoch: int | None, name: str, train_step: int
     ) -> CheckpointRecord:
         with self._lock:
+            run = self._run(run_id)
             record = CheckpointRecord(run_id, kind, step, epoch, name, train_step)
-            self._run(run_id).checkpoints.append(record)
+            record.to_link = [m for m in run.recent if record.claims(m)]
+            run.checkpoints.append(record)
             return record
 
     def has_checkpoint(self, run_id: str, step: int, name_prefix: str = "") -> bool:
@@ -89,6 +106,20 @@ class Ledger:
             run = self._runs.get(run_id)
             return list(run.checkpoints) if run else []
 
+    def take_unlinked(self, record: CheckpointRecord) -> list[MetricRecord]:
+        """The metrics ``record`` claims and has not linked yet; they count as linked
+        once :meth:`mark_linked` is called, and are handed out again otherwise."""
+        with self._lock:
+            return list(record.to_link)
+
+    def mark_linked(self, record: CheckpointRecord, metrics: list[MetricRecord]) -> None:
+        with self._lock:
+            for metric in metrics:
+                record.to_link.remove(metric)
+                # a value at the checkpoint's own step wins over one matched by weights
+                if metric.key not in record.values or metric.step == record.step:
+                    record.values[metric.key] = metric.value
+
     def record_failure(self, run_id: str, message: str) -> None:
         with self._lock:
             self._run(run_id).failures.append(message)
@@ -98,37 +129,9 @@ class Ledger:
             run = self._runs.get(run_id)
             return list(run.failures) if run else []
 
-    def run_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._runs)
-
     def forget(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)
-
-    # -- the linking rule -------------------------------------------------------------
-
-    def unlinked_metrics(self, record: CheckpointRecord) -> list[MetricRecord]:
-        """Metrics that belong to ``record`` (see the module docstring) and are not linked yet."""
-        with self._lock:
-            run = self._runs.get(record.run_id)
-            metrics = list(run.metrics) if run else []
-        return [
-            m
-            for m in metrics
-            if m.key.startswith(EMA_PREFIX) == (record.kind == "ema")
-            and (m.step == record.step or m.train_step == record.train_step)
-            and (m.key, m.seq) not in record.linked
-        ]
-
-    def linked_value(self, record: CheckpointRecord, key: str) -> float | None:
-        """The value of ``key`` linked to ``record`` (the one at its step first)."""
-        with self._lock:
-            run = self._runs[record.run_id]
-            values = {m.seq: m for m in run.metrics if m.key == key}
-        linked = [values[seq] for k, seq in record.linked if k == key and seq in values]
-        linked.sort(key=lambda m: (m.step != record.step, m.seq))
-        return linked[0].value if linked else None
 
     # -- keep_top_k ---------------------------------------------------------------------
 
@@ -144,7 +147,7 @@ class Ledger:
             return []
         scores: dict[int, float | None] = {}
         for moment in taken:
-            known = [self.linked_value(c, monitor) for c in records if c.train_step == moment]
+            known = [c.values.get(monitor) for c in records if c.train_step == moment]
             known = [v for v in known if v is not None and not math.isnan(v)]
             scores[moment] = known[0] if known else None
         candidates = [s for s in taken[:-1] if final or scores[s] is not None]

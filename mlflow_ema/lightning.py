@@ -31,6 +31,7 @@ Trainer already has one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from typing import Any
 
@@ -78,6 +79,7 @@ class EMACallback(pl.Callback):
         self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
         self.checkpoint_at_end = checkpoint_at_end
         self.ema: EMA | None = None
+        self._ema_of: pl.LightningModule | None = None  # the module self.ema follows
         self._auto = False  # added by autolog's entry point
         self._watched: _Watched | None = None
         self._last_step = 0
@@ -92,11 +94,19 @@ class EMACallback(pl.Callback):
             self._auto and any(isinstance(cb, EMACallback) and not cb._auto for cb in trainer.callbacks)
         )
 
+    @property
+    def state_key(self) -> str:
+        # autolog's copy and the user's own can sit in one Trainer, and Lightning refuses two
+        # stateful callbacks with the same key
+        return self._generate_state_key(auto=True) if self._auto else super().state_key
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self._active(trainer):
             return
-        if self.ema is None:
+        if self.ema is None or self._ema_of is not pl_module:  # a reused callback, another module
             self.ema = EMA(pl_module, **self.ema_kwargs)
+            self._ema_of = pl_module
+        self._last_step = trainer.global_step  # a new Trainer counts from 0 again
         if self._restored is not None:
             self.ema.load_state_dict(self._restored["ema"])
             self._last_step = self._restored["last_step"]
@@ -105,16 +115,28 @@ class EMACallback(pl.Callback):
         self._watched = _SESSION.add(pl_module, [], owner="lightning", ema=self.ema)
         self._watched.run_tags[RUN_TAG_MODEL_HPARAMS] = json.dumps(_plain(dict(pl_module.hparams)))
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._watched is None:
+            return
+        # autolog's optimizer hooks need not search for the model (this callback steps the EMA)
+        self._watched.optimizers = list(trainer.optimizers)
+        self._watched.schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        for optimizer in trainer.optimizers:
+            _SESSION.by_optimizer[optimizer] = self._watched
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unswap()
-        if self._watched in _SESSION.watched:
-            _SESSION.watched.remove(self._watched)
-        self._watched = None
+        self._detach()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._unswap()  # never leave the EMA weights in the model
+        self._detach()  # never leave the EMA weights in the model; Lightning skips teardown here
+
+    def _detach(self) -> None:
+        self._unswap()
+        if self._watched in _SESSION.watched:
+            _SESSION.watched.remove(self._watched)
+        self._watched = None
 
     # -- the EMA ----------------------------------------------------------------------------
 
@@ -149,7 +171,8 @@ class EMACallback(pl.Callback):
         if self._watched is None:
             return
         if self.checkpoint_at_end and self.ema.step > 0:
-            self._checkpoint(trainer, epoch=trainer.current_epoch + 1)
+            # after fit, current_epoch counts the epochs run (a last partial one included)
+            self._checkpoint(trainer, epoch=trainer.current_epoch)
         run = _run_of(trainer)
         if run is not None:
             _SESSION.uploader.flush(run[0])
@@ -175,6 +198,19 @@ class EMACallback(pl.Callback):
                 self._last_step = state_dict["last_step"]
             else:
                 self._restored = state_dict
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A .ckpt written with autolog's copy resumes with one's own callback, and the other
+        # way round: Lightning passes load_state_dict only the state under this one's key.
+        states = checkpoint.get("callbacks") or {}
+        if self._watched is None or states.get(self.state_key):
+            return
+        for key in (super().state_key, self._generate_state_key(auto=True)):
+            if states.get(key):
+                self.load_state_dict(copy.deepcopy(states[key]))
+                return
 
 
 def _run_of(trainer: pl.Trainer) -> tuple[str, str] | None:

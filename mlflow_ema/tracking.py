@@ -157,7 +157,7 @@ class _Session:
 
     def install_common(self) -> None:
         """The hooks both autolog and watch need: metric observation and run end."""
-        if self._patches:
+        if any(name == "set_terminated" for _, name, _ in self._patches):
             return
         from mlflow import MlflowClient
 
@@ -245,7 +245,7 @@ class _Session:
 
     def reset(self) -> None:
         """Back to a fresh session (tests, and a process that runs several jobs)."""
-        self.uploader.flush(timeout=600)
+        self.uploader.close()
         self.uninstall()
         self.__init__()
 
@@ -288,9 +288,10 @@ class _Session:
     def observe(self, run_id: str, metrics: Sequence[tuple[str, float, int, int]], client: Any) -> None:
         if not metrics or not _rank_zero():
             return
+        claimed = False
         for key, value, step, timestamp in metrics:
-            self.ledger.observe_metric(run_id, key, value, step, timestamp, self.train_steps)
-        if self.ledger.checkpoints(run_id):
+            claimed |= self.ledger.observe_metric(run_id, key, value, step, timestamp, self.train_steps)
+        if claimed:
             self.uploader.request_sync(self.job_for(run_id, client.tracking_uri))
 
     def job_for(self, run_id: str, tracking_uri: str, parts: list | None = None) -> UploadJob:
@@ -436,7 +437,9 @@ class _Session:
         if self.config.log_training_state:
             later = Later()
             self._later.append((w, later))
-            training_state = take_snapshot({**training_state_of(w, step=step, epoch=epoch), "schedulers": later})
+            training_state = take_snapshot(
+                {**training_state_of(w, step=step, epoch=epoch), "schedulers": later}
+            )
         parts = []
         for kind, state in (("raw", w.model.state_dict()), ("ema", w.ema.model_state_dict())):
             name = f"{w.prefix}{kind}-step{step}"
@@ -665,7 +668,7 @@ def autolog(
         max_queue=max_queue,
         silent=silent,
     )
-    session.uploader._jobs.maxsize = max_queue
+    session.uploader.max_queue = max_queue
     session.install_common()
     session.install_autolog()
     session.autolog_on = True
@@ -715,7 +718,10 @@ def watch(
             if session._later:
                 session.settle(w)
 
-        handles = [opt.register_step_pre_hook(before), opt.register_step_post_hook(lambda *_: session.step(w))]
+        handles = [
+            opt.register_step_pre_hook(before),
+            opt.register_step_post_hook(lambda *_: session.step(w)),
+        ]
         opt._mlflow_ema_handles = [*getattr(opt, "_mlflow_ema_handles", ()), *handles]
     return w.ema
 

@@ -18,10 +18,10 @@ the run tag ``mlflow_ema.upload_failures``), never dropped silently.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
-import queue
 import shutil
 import tempfile
 import threading
@@ -95,13 +95,14 @@ class Uploader:
     def __init__(self, ledger: Ledger, *, max_queue: int = 2, retry: RetryPolicy | None = None) -> None:
         self.ledger = ledger
         self.retry = retry or RetryPolicy()
+        self.max_queue = max_queue
         self.unsent_dir: Path | None = None  # default: ./mlflow-ema-unsent when a failure happens
-        self._jobs: queue.Queue[UploadJob] = queue.Queue(maxsize=max_queue)
+        self._jobs: collections.deque[UploadJob] = collections.deque()
         self._to_sync: dict[str, UploadJob] = {}  # run_id -> policy, for links and pruning
-        self._syncing: set[str] = set()
-        self._busy: dict[str, int] = {}  # run_id -> jobs submitted and not done
+        self._working: set[str] = set()  # runs the thread is uploading or syncing now
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self._clients: dict[str, Any] = {}
         self._experiments: dict[str, str] = {}
         self._tagged_runs: set[str] = set()
@@ -111,69 +112,69 @@ class Uploader:
     def submit(self, job: UploadJob) -> None:
         """Queue a checkpoint; blocks only while ``max_queue`` are already waiting."""
         with self._cond:
-            self._busy[job.run_id] = self._busy.get(job.run_id, 0) + 1
-            self._ensure_thread()
-        self._jobs.put(job)
+            while len(self._jobs) >= self.max_queue:  # back-pressure
+                self._cond.wait()
+            self._jobs.append(job)
+            self._wake()
 
     def request_sync(self, job: UploadJob) -> None:
         """Link newly logged metrics and prune for this run, soon, off the training thread."""
         with self._cond:
             self._to_sync[job.run_id] = job
-            self._ensure_thread()
-            self._cond.notify_all()
+            self._wake()
 
     def flush(self, run_id: str | None = None, timeout: float | None = None) -> bool:
         """Wait until the run's (or every) checkpoint is uploaded or given up on."""
-        deadline = None if timeout is None else time.monotonic() + timeout
 
-        def done() -> bool:
-            if run_id is None:
-                return not any(self._busy.values()) and not self._to_sync and not self._syncing
-            return not self._busy.get(run_id) and run_id not in self._to_sync and run_id not in self._syncing
+        def busy() -> bool:
+            runs = {j.run_id for j in self._jobs} | set(self._to_sync) | self._working
+            return bool(runs) if run_id is None else run_id in runs
 
         with self._cond:
-            while not done():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(timeout=0.1 if remaining is None else min(remaining, 0.1))
-        return True
+            return self._cond.wait_for(lambda: not busy(), timeout=timeout)
 
-    def _ensure_thread(self) -> None:
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread."""
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="mlflow-ema-uploader", daemon=True)
             self._thread.start()
+        self._cond.notify_all()
 
     # -- the background thread -----------------------------------------------------------
 
     def _work(self) -> None:
         while True:
-            try:
-                job = self._jobs.get(timeout=0.05)
-            except queue.Empty:
-                job = None
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs or self._to_sync or self._closed)
+                if self._closed and not self._jobs and not self._to_sync:
+                    return
+                job = self._jobs.popleft() if self._jobs else None
+                syncs = [] if job else list(self._to_sync.values())
+                if not job:
+                    self._to_sync = {}
+                self._working = {j.run_id for j in ([job] if job else syncs)}
+                self._cond.notify_all()  # a queue slot is free
             if job is not None:
                 try:
                     self._upload(job)
                 except Exception as e:  # a bug, not a network fault: report, keep the thread alive
                     _logger.exception("mlflow-ema: checkpoint upload crashed")
                     self.ledger.record_failure(job.run_id, f"upload crashed: {e}")
-                self._sync(job)
-                with self._cond:
-                    self._busy[job.run_id] -= 1
-                    self._cond.notify_all()
-            with self._cond:
-                pending, self._to_sync = self._to_sync, {}
-                self._syncing = set(pending)
-            for sync_job in pending.values():
+                syncs = [job]
+            for sync_job in syncs:
                 try:
                     self._sync(sync_job)
                 except Exception as e:
                     _logger.warning("mlflow-ema: linking metrics for run %s failed: %s", sync_job.run_id, e)
-            if pending:
-                with self._cond:
-                    self._syncing = set()
-                    self._cond.notify_all()
+            with self._cond:
+                self._working = set()
+                self._cond.notify_all()
 
     def _client(self, tracking_uri: str):
         if tracking_uri not in self._clients:
@@ -260,7 +261,7 @@ class Uploader:
     def _link(self, client, record: CheckpointRecord) -> None:
         from mlflow.entities import Metric
 
-        metrics = self.ledger.unlinked_metrics(record)
+        metrics = self.ledger.take_unlinked(record)
         if not metrics or record.model_id is None:
             return
         batch = [
@@ -268,7 +269,7 @@ class Uploader:
             for m in metrics
         ]
         self.retry.call("link metrics", lambda: client.log_batch(record.run_id, metrics=batch))
-        record.linked.update((m.key, m.seq) for m in metrics)
+        self.ledger.mark_linked(record, metrics)
 
     def _sync(self, job: UploadJob) -> None:
         client = self._client(job.tracking_uri)
