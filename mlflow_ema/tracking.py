@@ -549,7 +549,12 @@ def _live(cls: type | tuple[type, ...]) -> list[Any]:
     """Live objects of a class. Once per optimizer, never per step."""
     with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
         warnings.simplefilter("ignore")
-        return [obj for obj in gc.get_objects() if isinstance(obj, cls)]
+        # weakref proxies (Lightning keeps one of its module) pass isinstance but are not modules
+        return [
+            obj
+            for obj in gc.get_objects()
+            if isinstance(obj, cls) and not isinstance(obj, weakref.ProxyTypes)
+        ]
 
 
 def training_state_of(w: _Watched, *, step: int, epoch: int | None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id="0")  # forget the experiment a previous test set
     _SESSION.reset()
     yield uri
     while mlflow.active_run():

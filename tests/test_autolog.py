@@ -335,7 +335,9 @@ def test_autolog_refuses_bad_options(tracking, kwargs):
 def run_script(*args: str) -> str:
     script = Path(__file__).parent / "train_resumable.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300
+    )
     return done.stdout.strip().splitlines()[0] if done.stdout.strip() else done.stderr
 
 
@@ -343,12 +345,16 @@ def test_a_killed_run_resumes_to_a_bit_identical_ema(tracking, tmp_path):
     full = run_script("full")
     killed = run_script("killed")
     assert mlflow.get_run(killed).info.status == "RUNNING"  # SIGKILLed: nobody ended it
-    assert [m.tags["mlflow_ema.step"] for m in logged_models(killed) if m.tags["mlflow_ema.kind"] == "raw"] == ["10", "20"]
+    assert [
+        m.tags["mlflow_ema.step"] for m in logged_models(killed) if m.tags["mlflow_ema.kind"] == "raw"
+    ] == ["10", "20"]
     assert run_script("resume", killed) == killed
     final = {}
     for run_id in (full, killed):
         models = [m for m in logged_models(run_id) if m.tags["mlflow_ema.step"] == "30"]
-        final[run_id] = {m.tags["mlflow_ema.kind"]: load_checkpoint(download(m, tmp_path)).state_dict for m in models}
+        final[run_id] = {
+            m.tags["mlflow_ema.kind"]: load_checkpoint(download(m, tmp_path)).state_dict for m in models
+        }
     for kind in ("raw", "ema"):
         for key, value in final[full][kind].items():
             assert torch.equal(final[killed][kind][key], value), (kind, key)

@@ -29,6 +29,7 @@ def test_server_unreachable_mid_training_loses_nothing(tmp_path, monkeypatch, di
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("faults")
         _SESSION.reset()
         _SESSION.uploader.retry = RetryPolicy(attempts=2, backoff=0.1)
         mlflow_ema.autolog(checkpoint_every_n_steps=5)
