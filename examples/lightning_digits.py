@@ -16,42 +16,14 @@ With nothing configured, MLflow records into ``./mlflow.db``; see the result wit
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-
-def load_digits_split(seed: int = 0):
-    """Digits as (x_train, y_train, x_val, y_val) tensors: a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(x))
-    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
-
-
-def build_model(hidden: int = 128) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(64, hidden),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
-    )
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    correct = (model(x).argmax(dim=1) == y).float().mean().item()
-    model.train(was_training)
-    return correct
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from examples.train_digits import accuracy, build_model, load_digits_split
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""A small network to train on scikit-learn's digits in tests."""
+"""Helpers for the tests: a small network to train on scikit-learn's digits, and MLflow look-ups."""
 
 from __future__ import annotations
 
@@ -35,3 +35,16 @@ class Tied(nn.Module):
         self.embed = nn.Embedding(10, 8)
         self.head = nn.Linear(8, 10, bias=False)
         self.head.weight = self.embed.weight
+
+
+def logged_models(run_id: str) -> list:
+    """The run's checkpoint LoggedModels, by step then kind (ema before raw)."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        output_format="list",
+    )
+    return sorted(models, key=lambda m: (int(m.tags["mlflow_ema.step"]), m.tags["mlflow_ema.kind"]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from helpers import Tied, make_net, train_steps
+from helpers import Tied, logged_models, make_net, train_steps
 from mlflow import MlflowClient
 from torch import nn
 
@@ -19,16 +19,6 @@ import mlflow_ema
 from mlflow_ema import EMA, init_fingerprint, load_checkpoint, read_manifest
 from mlflow_ema.tracking import AutologConfig
 from mlflow_ema.uploader import RetryPolicy
-
-
-def logged_models(run_id: str) -> list:
-    run = mlflow.get_run(run_id)
-    models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}'",
-        output_format="list",
-    )
-    return sorted(models, key=lambda m: (int(m.tags["mlflow_ema.step"]), m.tags["mlflow_ema.kind"]))
 
 
 def download(model, tmp_path: Path) -> Path:

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import mlflow
 import pytest
 import torch
+from helpers import logged_models
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from torch import nn
@@ -138,16 +139,6 @@ def make_trainer(**kwargs) -> pl.Trainer:
 
 def mlflow_logger(uri: str, run_id: str | None = None) -> MLFlowLogger:
     return MLFlowLogger(experiment_name="lightning", tracking_uri=uri, run_id=run_id)
-
-
-def logged_models(run_id: str) -> list:
-    run = mlflow.get_run(run_id)
-    models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}'",
-        output_format="list",
-    )
-    return sorted(models, key=lambda m: (int(m.tags["mlflow_ema.step"]), m.tags["mlflow_ema.kind"]))
 
 
 def kinds_and_steps(run_id: str) -> list[tuple[str, int]]:
