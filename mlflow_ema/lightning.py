@@ -13,7 +13,7 @@ What it does, and where things go:
   ``ModelCheckpoint`` and ``EarlyStopping`` monitor) keep their names; what reaches
   MLflow from the validation loop is prefixed ``ema/`` (``val_acc`` -> ``ema/val_acc``).
   ``mlflow.pytorch.autolog()`` logs ``callback_metrics`` at epoch end, outside
-  validation, so its ``val_*`` values are the EMA's too;
+  validation: the names validation produced get the ``ema/`` prefix there too;
 - raw and EMA checkpoints become MLflow LoggedModels of the run: the MLFlowLogger's
   run, else the active run (e.g. the one ``mlflow.pytorch.autolog()`` starts), every
   ``checkpoint_every_n_epochs`` after validation and at the end of ``fit``; all are
@@ -134,6 +134,7 @@ class EMACallback(pl.Callback):
 
     def _detach(self) -> None:
         self._unswap()
+        _SESSION.ema_keys.clear()
         if self._watched in _SESSION.watched:
             _SESSION.watched.remove(self._watched)
         self._watched = None
@@ -157,6 +158,9 @@ class EMACallback(pl.Callback):
         self._swap.enter_context(_SESSION.prefix_metrics())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._swap is not None:
+            # Whoever logs these later (mlflow.pytorch.autolog, at epoch end) logs EMA values.
+            _SESSION.ema_keys.update(_validation_metric_names(trainer))
         self._unswap()
         n = self.checkpoint_every_n_epochs
         if (
@@ -211,6 +215,15 @@ class EMACallback(pl.Callback):
             if states.get(key):
                 self.load_state_dict(copy.deepcopy(states[key]))
                 return
+
+
+def _validation_metric_names(trainer: pl.Trainer) -> set[str]:
+    """Names the validation loop logged (Lightning's result collection; empty if its
+    internals change)."""
+    try:
+        return {result.meta.name for result in trainer._evaluation_loop._results.values()}
+    except (AttributeError, RuntimeError):
+        return set()
 
 
 def _run_of(trainer: pl.Trainer) -> tuple[str, str] | None:

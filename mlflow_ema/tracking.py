@@ -138,6 +138,7 @@ class _Session:
         self._global_hooks: list[Any] = []
         self._patches: list[tuple[Any, str, Any]] = []
         self._prefix_threads: set[int] = set()
+        self.ema_keys: set[str] = set()  # names only ever measured on EMA weights (Lightning validation)
         self._warned: set[str] = set()
         self.train_steps = 0  # optimizer steps of watched models: which weights a metric saw
         self._later: list[tuple[_Watched, Later]] = []  # scheduler states still to take
@@ -187,9 +188,7 @@ class _Session:
             bound = sig_batch.bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
-            metrics = list(a["metrics"] or ())
-            if metrics and threading.get_ident() in session._prefix_threads:
-                metrics = [_renamed(m, session.prefixed(m.key)) for m in metrics]
+            metrics = [_renamed(m, session.prefixed(m.key)) for m in a["metrics"] or ()]
             a["metrics"] = metrics
             result = log_batch(*bound.args, **bound.kwargs)
             session.observe(
@@ -277,11 +276,9 @@ class _Session:
             self._prefix_threads.discard(ident)
 
     def prefixed(self, key: str) -> str:
-        if (
-            threading.get_ident() in self._prefix_threads
-            and not key.startswith(EMA_PREFIX)
-            and key not in _COUNTERS
-        ):
+        if key.startswith(EMA_PREFIX) or key in _COUNTERS:
+            return key
+        if key in self.ema_keys or threading.get_ident() in self._prefix_threads:
             return EMA_PREFIX + key
         return key
 
