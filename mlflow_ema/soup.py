@@ -1,0 +1,238 @@
+"""Averaging checkpoints (SWA, model soups), one tensor at a time.
+
+The members' ``model.safetensors`` files are memory-mapped; for each tensor name
+the members' tensors are summed into one accumulator (fp32, or fp64 by option) with
+their weights, cast back to the inputs' dtype (or ``dtype``), and the pages read are
+released before the next tensor. Memory therefore grows with the size of one
+checkpoint (the output), not with the number of members. Integer tensors
+(``num_batches_tracked``) are taken from the first, best-ranked member, never divided.
+
+Before any arithmetic every member is checked: sha256 against its manifest, the same
+tensor names, shapes and dtypes, the same init fingerprint (runs that did not start
+from the same weights average to garbage; ``allow_different_init`` overrides) and
+finite weights. The same members and weights always give a byte-identical output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import mmap
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from mlflow_ema.checkpoint import WEIGHTS_FILE, Manifest, read_manifest, verify_checkpoint
+from mlflow_ema.errors import CheckpointError, MlflowEmaError
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class AveragingError(MlflowEmaError):
+    """The members cannot be averaged: mismatched tensors, other initialization, NaN/inf..."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One checkpoint to average: a local checkpoint folder, its weight, and a label
+    (e.g. ``run <id> step <n>``) that error messages name."""
+
+    path: Path
+    weight: float = 1.0
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or str(self.path)
+
+
+class _MappedSafetensors:
+    """A safetensors file, memory-mapped: tensors are views into the map, and
+    :meth:`release` drops a tensor's pages from memory once it has been used."""
+
+    def __init__(self, file: Path, label: str) -> None:
+        self.label = label
+        try:
+            self._file = open(file, "rb")  # noqa: SIM115 - closed in close()
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+            (size,) = struct.unpack("<Q", self._map[:8])
+            header = json.loads(self._map[8 : 8 + size])
+        except (OSError, ValueError, struct.error) as e:
+            raise CheckpointError(f"{label}: {file} is not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + size
+        self.entries = header  # name -> {"dtype", "shape", "data_offsets"}
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        entry = self.entries[name]
+        return entry["dtype"], tuple(entry["shape"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        flat = (
+            torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._base + start)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        return flat.view(entry["shape"])
+
+    def release(self, name: str) -> None:
+        start, end = self.entries[name]["data_offsets"]
+        first = (self._base + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = self._base + end - first
+        if length > 0 and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED, first, length)
+
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
+
+
+def check_members(
+    members: Sequence[Member], *, allow_different_init: bool = False, verify: bool = True
+) -> list[Manifest]:
+    """Manifests of the members, after the checks the module docstring lists (not the
+    tensor layouts, which :func:`average` checks from the files)."""
+    if not members:
+        raise AveragingError("nothing to average: no checkpoints were selected")
+    manifests = []
+    for member in members:
+        try:
+            manifests.append(verify_checkpoint(member.path) if verify else read_manifest(member.path))
+        except CheckpointError as e:
+            raise CheckpointError(f"{member.name}: {e}") from None
+    for member, manifest in zip(members, manifests, strict=True):
+        if not manifest.all_finite:
+            raise AveragingError(f"{member.name} has NaN or infinite weights")
+    if not allow_different_init:
+        first = manifests[0].init_fingerprint
+        for member, manifest in zip(members[1:], manifests[1:], strict=True):
+            if manifest.init_fingerprint != first:
+                raise AveragingError(
+                    f"{member.name} did not start from the same weights as {members[0].name} "
+                    "(init fingerprints differ); averaging unrelated initializations gives garbage "
+                    "(--allow-different-init to do it anyway)"
+                )
+    return manifests
+
+
+def normalized_weights(weights: Sequence[float]) -> list[float]:
+    values = [float(w) for w in weights]
+    if any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
+        raise AveragingError(f"weights must be finite, non-negative and not all zero, got {values}")
+    total = sum(values)
+    return [w / total for w in values]
+
+
+def average(
+    members: Sequence[Member],
+    *,
+    accumulate: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
+    allow_different_init: bool = False,
+    verify: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[Manifest]]:
+    """The weighted average of the members' tensors (weights normalized to sum to 1),
+    keyed as their state dicts, with tied weights restored from the first manifest's
+    aliases; and the members' manifests. ``progress(done, total)`` is called per tensor."""
+    manifests = check_members(members, allow_different_init=allow_different_init, verify=verify)
+    weights = normalized_weights([m.weight for m in members])
+    files = [_MappedSafetensors(m.path / WEIGHTS_FILE, m.name) for m in members]
+    try:
+        names = _check_layouts(files, manifests)
+        out: dict[str, torch.Tensor] = {}
+        for done, name in enumerate(names, 1):
+            out[name] = _average_one(name, files, weights, accumulate, dtype)
+            if progress is not None:
+                progress(done, len(names))
+    finally:
+        for f in files:
+            f.close()
+    for alias, target in manifests[0].aliases.items():
+        out[alias] = out[target]
+    return out, manifests
+
+
+def _check_layouts(files: list[_MappedSafetensors], manifests: list[Manifest]) -> list[str]:
+    first = files[0]
+    for f, manifest in zip(files[1:], manifests[1:], strict=True):
+        missing = sorted(set(first.entries) - set(f.entries))
+        extra = sorted(set(f.entries) - set(first.entries))
+        if missing or extra:
+            key = (missing or extra)[0]
+            what = "lacks" if missing else "has an extra tensor"
+            raise AveragingError(
+                f"{f.label} {what} {key!r} ({len(missing)} missing, {len(extra)} extra vs {first.label})"
+            )
+        for name in first.entries:
+            if f.spec(name) != first.spec(name):
+                (d1, s1), (d2, s2) = first.spec(name), f.spec(name)
+                raise AveragingError(
+                    f"{f.label}: {name!r} is {d2} {list(s2)}, {first.label} has {d1} {list(s1)}"
+                )
+        if manifest.aliases != manifests[0].aliases:
+            raise AveragingError(f"{f.label} ties other weights than {first.label}")
+    return sorted(first.entries)
+
+
+def _average_one(
+    name: str,
+    files: list[_MappedSafetensors],
+    weights: list[float],
+    accumulate: torch.dtype,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    first = files[0].tensor(name)
+    if not first.is_floating_point():  # integer buffers: the best-ranked member's, never divided
+        result = first.clone()
+        files[0].release(name)
+        return result
+    acc = torch.zeros(first.shape, dtype=accumulate)
+    for f, w in zip(files, weights, strict=True):
+        acc.add_(f.tensor(name), alpha=w)
+        f.release(name)
+    if not bool(torch.isfinite(acc).all()):
+        raise AveragingError(f"the average of {name!r} is not finite")
+    return acc.to(dtype or first.dtype)
+
+
+def greedy_soup(
+    members: Sequence[Member],
+    score: Callable[[dict[str, torch.Tensor]], float],
+    *,
+    mode: str = "max",
+    on_trial: Callable[[Member, float, bool], None] | None = None,
+    **kwargs,
+) -> tuple[list[Member], dict[str, torch.Tensor], float]:
+    """Wortsman et al. 2022: take the members in rank order, keep each one only if the
+    held-out score of the uniform soup with it is at least as good as without.
+    Returns the ingredients kept, their average and its score."""
+    better = (lambda a, b: a >= b) if mode == "max" else (lambda a, b: a <= b)
+    check_members(members, allow_different_init=kwargs.get("allow_different_init", False))
+    kwargs["verify"] = False  # verified once above, not on every trial
+    kept = [dataclasses.replace(members[0], weight=1.0)]
+    soup, _ = average(kept, **kwargs)
+    best = score(soup)
+    if on_trial:
+        on_trial(members[0], best, True)
+    for member in members[1:]:
+        trial_members = [*kept, dataclasses.replace(member, weight=1.0)]
+        trial, _ = average(trial_members, **kwargs)
+        value = score(trial)
+        keep = better(value, best)
+        if on_trial:
+            on_trial(member, value, keep)
+        if keep:
+            kept, soup, best = trial_members, trial, value
+    return kept, soup, best
