@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -156,7 +157,7 @@ def save_checkpoint(
             num_tensors=len(tensors),
             num_parameters=sum(t.numel() for t in tensors.values()),
             dtypes=dict(sorted(dtypes.items())),
-            all_finite=all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()),
+            all_finite=all(_finite(t) for t in tensors.values()),
             step=step,
             epoch=epoch,
             ema_decay=ema_decay,
@@ -275,6 +276,18 @@ def _unshare(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
             tensor = tensor.clone()  # a view into a larger storage, e.g. one slice of a fused weight
         tensors[name] = tensor
     return tensors, aliases
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf, checked with numpy: save_checkpoint runs on the upload thread, where a
+    torch op would start a second OpenMP team and slow every later training step."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.dtype in (torch.float16, torch.float32, torch.float64):
+        return bool(np.isfinite(tensor.numpy()).all())
+    if tensor.dtype == torch.bfloat16:  # exponent bits all ones: inf or NaN
+        return not bool((np.bitwise_and(tensor.view(torch.int16).numpy(), 0x7F80) == 0x7F80).any())
+    return bool(torch.isfinite(tensor.float()).all())  # fp8: rare; stays correct
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

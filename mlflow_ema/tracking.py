@@ -64,6 +64,7 @@ NO_RUN_MESSAGE = (
     "no active MLflow run: the EMA is kept but no checkpoint is logged "
     "(train inside `with mlflow.start_run():`)"
 )
+_SCHEDULER_TYPES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 _COUNTERS = {"epoch", "step", "global_step"}  # bookkeeping Lightning logs: no ema/ prefix
 
 
@@ -324,7 +325,8 @@ class _Session:
         for w in self.watched:
             if any(o is optimizer for o in w.optimizers):
                 return w
-        model = find_model(optimizer)
+        live = _live((nn.Module, *_SCHEDULER_TYPES))  # one scan of the heap per new optimizer
+        model = find_model(optimizer, live)
         if model is None:
             self.warn_once(
                 f"resolve-{id(optimizer)}",
@@ -338,7 +340,7 @@ class _Session:
                 return w
         if _rank_zero() and _active_run() is None:
             self.warn_once("no-run", NO_RUN_MESSAGE)
-        return self.add(model, [optimizer], owner="autolog")
+        return self.add(model, [optimizer], owner="autolog", schedulers=find_schedulers([optimizer], live))
 
     def add(
         self,
@@ -350,6 +352,7 @@ class _Session:
         name: str | None = None,
         model_factory: str | None = None,
         model_kwargs: dict | None = None,
+        schedulers: list[Any] | None = None,
     ) -> _Watched:
         c = self.config
         model = unwrap_model(model)
@@ -369,7 +372,9 @@ class _Session:
             run_tags[RUN_TAG_MODEL_KWARGS] = json.dumps(
                 model_kwargs if model_kwargs is not None else c.model_kwargs or {}
             )
-        w = _Watched(model, ema, list(optimizers), find_schedulers(optimizers), name, owner, run_tags)
+        if schedulers is None:
+            schedulers = find_schedulers(optimizers) if optimizers else []
+        w = _Watched(model, ema, list(optimizers), schedulers, name, owner, run_tags)
         self.watched.append(w)
         return w
 
@@ -518,13 +523,13 @@ def _renamed(metric: Any, key: str) -> Any:
     )
 
 
-def find_model(optimizer: Any) -> nn.Module | None:
+def find_model(optimizer: Any, live: list[Any] | None = None) -> nn.Module | None:
     """The outermost live module owning every parameter ``optimizer`` updates, unwrapped;
     None when there is no such module or several unrelated ones."""
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not params:
         return None
-    modules = _live(nn.Module)
+    modules = [obj for obj in (live if live is not None else _live(nn.Module)) if isinstance(obj, nn.Module)]
     children = {id(child) for m in modules for child in m._modules.values() if child is not None}
     owners = {id(m) for m in modules if any(id(p) in params for p in m._parameters.values() if p is not None)}
     if not owners:
@@ -534,12 +539,13 @@ def find_model(optimizer: Any) -> nn.Module | None:
     return next(iter(unwrapped.values())) if len(unwrapped) == 1 else None
 
 
-def find_schedulers(optimizers: Sequence[Any]) -> list[Any]:
+def find_schedulers(optimizers: Sequence[Any], live: list[Any] | None = None) -> list[Any]:
     """Learning-rate schedulers attached to ``optimizers``, so training state includes them."""
-    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
-
     ids = {id(o) for o in optimizers}
-    return [s for s in _live((LRScheduler, ReduceLROnPlateau)) if id(getattr(s, "optimizer", None)) in ids]
+    candidates = live if live is not None else _live(_SCHEDULER_TYPES)
+    return [
+        s for s in candidates if isinstance(s, _SCHEDULER_TYPES) and id(getattr(s, "optimizer", None)) in ids
+    ]
 
 
 def _live(cls: type | tuple[type, ...]) -> list[Any]:

@@ -118,10 +118,14 @@ def test_bf16_and_other_dtypes_round_trip(tmp_path):
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
 
 
-def test_non_finite_weights_are_flagged(tmp_path):
-    manifest = save_checkpoint(tmp_path / "c", {"w": torch.tensor([1.0, float("nan")])}, kind="ema")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_flagged(tmp_path, dtype, bad):
+    manifest = save_checkpoint(tmp_path / "c", {"w": torch.tensor([1.0, bad], dtype=dtype)}, kind="ema")
     assert manifest.all_finite is False
     assert read_manifest(tmp_path / "c").all_finite is False
+    fine = save_checkpoint(tmp_path / "d", {"w": torch.tensor([1.0, -3e4], dtype=dtype)}, kind="ema")
+    assert fine.all_finite is True
 
 
 # -- refusals ---------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Choosing the checkpoints to average: the top-k runs of a sweep, or the top-k
+checkpoints of one run, ranked by a metric linked to the checkpoints.
+
+A run's value is its best checkpoint's (``checkpoint="best"``) or its last one's
+(``"last"``), read from the LoggedModels' linked metrics, not from the run's latest
+logged value (which is what ``mlflow.search_runs`` sorts by). Only READY checkpoints
+count: a half-uploaded one is never averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from mlflow_ema.errors import MlflowEmaError
+from mlflow_ema.uploader import TAG_ALL_FINITE, TAG_INIT_FINGERPRINT, TAG_KIND, TAG_STEP
+
+
+class SelectionError(MlflowEmaError):
+    """No (or not enough) checkpoints match the selection."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One checkpoint LoggedModel and the metric value it is ranked by."""
+
+    run_id: str
+    run_name: str
+    model_id: str
+    name: str
+    kind: str
+    step: int
+    value: float | None
+    artifact_location: str
+    init_fingerprint: str | None
+    all_finite: bool
+
+    @property
+    def label(self) -> str:
+        return f"run {self.run_name or self.run_id} ({self.run_id[:8]}) {self.name}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    candidates: list[Candidate]
+    warnings: list[str]
+    considered_runs: int
+
+
+def _metric_value(model: Any, metric: str, step: int) -> float | None:
+    values = [(m.step != step, m.value) for m in model.metrics or [] if m.key == metric]
+    values = [v for v in sorted(values) if not math.isnan(v[1])]
+    return values[0][1] if values else None
+
+
+def _experiment_ids(client: Any, experiments: Sequence[str]) -> list[str]:
+    ids = []
+    for name in experiments:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None and name.isdigit():
+            try:
+                experiment = client.get_experiment(name)
+            except Exception:
+                experiment = None
+        if experiment is None:
+            raise SelectionError(f"unknown experiment {name!r}")
+        ids.append(experiment.experiment_id)
+    return ids
+
+
+def _checkpoints(client: Any, experiment_ids: list[str], kind: str, run_ids: set[str] | None) -> list[Any]:
+    from mlflow.entities import LoggedModelStatus
+
+    found, token = [], None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids=experiment_ids, filter_string=f"tags.`{TAG_KIND}` = '{kind}'", page_token=token
+        )
+        found += [
+            m
+            for m in page
+            if m.status == LoggedModelStatus.READY and (run_ids is None or m.source_run_id in run_ids)
+        ]
+        token = page.token
+        if not token:
+            return found
+
+
+def _candidate(model: Any, metric: str, run_names: dict[str, str]) -> Candidate:
+    step = int(model.tags.get(TAG_STEP, -1))
+    return Candidate(
+        run_id=model.source_run_id,
+        run_name=run_names.get(model.source_run_id, ""),
+        model_id=model.model_id,
+        name=model.name,
+        kind=model.tags.get(TAG_KIND, ""),
+        step=step,
+        value=_metric_value(model, metric, step),
+        artifact_location=model.artifact_location,
+        init_fingerprint=model.tags.get(TAG_INIT_FINGERPRINT),
+        all_finite=model.tags.get(TAG_ALL_FINITE, "true") == "true",
+    )
+
+
+def _rank(candidates: list[Candidate], mode: str) -> list[Candidate]:
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(candidates, key=lambda c: (sign * c.value, c.run_id, -c.step))
+
+
+def select(
+    *,
+    experiments: Sequence[str] = (),
+    metric: str,
+    mode: str = "max",
+    kind: str = "ema",
+    checkpoint: str = "best",
+    top_k: int = 5,
+    min_k: int | None = None,
+    filter_string: str | None = None,
+    statuses: Sequence[str] = ("FINISHED",),
+    run_id: str | None = None,
+    client: Any = None,
+) -> Selection:
+    """The checkpoints to average, best first. See the module docstring."""
+    from mlflow import MlflowClient
+
+    if mode not in ("max", "min"):
+        raise SelectionError(f"--mode must be max or min, got {mode!r}")
+    if kind not in ("raw", "ema"):
+        raise SelectionError(f"--kind must be raw or ema, got {kind!r}")
+    if checkpoint not in ("best", "last"):
+        raise SelectionError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    if top_k < 1 or (min_k is not None and not 1 <= min_k <= top_k):
+        raise SelectionError("--top-k must be >= 1, and --min-k between 1 and --top-k")
+    client = client or MlflowClient()
+    if run_id is not None:
+        return _select_in_run(
+            client,
+            run_id,
+            metric=metric,
+            mode=mode,
+            kind=kind,
+            checkpoint=checkpoint,
+            top_k=top_k,
+            min_k=min_k,
+        )
+    if not experiments:
+        raise SelectionError("name at least one --experiment, or a --run")
+    experiment_ids = _experiment_ids(client, experiments)
+    runs = client.search_runs(experiment_ids, filter_string=filter_string or "", max_results=50000)
+    runs = [r for r in runs if not statuses or r.info.status in statuses]
+    run_names = {r.info.run_id: r.info.run_name for r in runs}
+    if not runs:
+        raise SelectionError(
+            f"no {'/'.join(statuses) or ''} runs in {', '.join(experiments)} match the filter"
+        )
+    by_run: dict[str, list[Candidate]] = {}
+    for model in _checkpoints(client, experiment_ids, kind, set(run_names)):
+        by_run.setdefault(model.source_run_id, []).append(_candidate(model, metric, run_names))
+    notes = []
+    if len(by_run) < len(runs):
+        notes.append(f"{len(runs) - len(by_run)} of {len(runs)} runs have no READY {kind} checkpoint")
+    best_per_run = []
+    for candidates in by_run.values():
+        if checkpoint == "last":
+            chosen = max(candidates, key=lambda c: c.step)
+            if chosen.value is not None:
+                best_per_run.append(chosen)
+        else:
+            scored = [c for c in candidates if c.value is not None]
+            if scored:
+                best_per_run.append(_rank(scored, mode)[0])
+    if not best_per_run:
+        raise SelectionError(
+            f"no run in {', '.join(experiments)} has a {kind} checkpoint with metric {metric!r}"
+        )
+    ranked = _rank(best_per_run, mode)[:top_k]
+    return Selection(_enough(ranked, top_k, min_k, "runs", notes), notes, len(runs))
+
+
+def _select_in_run(
+    client: Any,
+    run_id: str,
+    *,
+    metric: str,
+    mode: str,
+    kind: str,
+    checkpoint: str,
+    top_k: int,
+    min_k: int | None,
+) -> Selection:
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise SelectionError(f"unknown run {run_id!r}") from None
+    names = {run_id: run.info.run_name}
+    candidates = [
+        _candidate(m, metric, names) for m in _checkpoints(client, [run.info.experiment_id], kind, {run_id})
+    ]
+    if not candidates:
+        raise SelectionError(f"run {run_id} has no READY {kind} checkpoint")
+    notes: list[str] = []
+    if checkpoint == "last":  # the latest k: latest-weight averaging
+        ranked = sorted(candidates, key=lambda c: -c.step)[:top_k]
+    else:
+        scored = [c for c in candidates if c.value is not None]
+        if not scored:
+            raise SelectionError(f"no {kind} checkpoint of run {run_id} has metric {metric!r}")
+        ranked = _rank(scored, mode)[:top_k]
+    return Selection(_enough(ranked, top_k, min_k, "checkpoints", notes), notes, 1)
+
+
+def _enough(
+    ranked: list[Candidate], top_k: int, min_k: int | None, what: str, notes: list[str]
+) -> list[Candidate]:
+    if len(ranked) < top_k:
+        if min_k is None or len(ranked) < min_k:
+            raise SelectionError(
+                f"only {len(ranked)} {what} qualify, --top-k asks for {top_k} (--min-k to accept fewer)"
+            )
+        notes.append(
+            f"only {len(ranked)} {what} qualify (--top-k {top_k}); going on as --min-k {min_k} allows"
+        )
+    return ranked
