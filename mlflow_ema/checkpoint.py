@@ -43,7 +43,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 TRAINING_STATE_FILE = "training_state.pt"
-KINDS = ("raw", "ema")
+KINDS = ("raw", "ema", "soup")
 _CHUNK = 1 << 20
 
 
@@ -51,7 +51,7 @@ _CHUNK = 1 << 20
 class Manifest:
     """The contents of ``manifest.json``."""
 
-    kind: str  # "raw" (the trained weights) or "ema" (the moving average)
+    kind: str  # "raw" (the trained weights), "ema" (the moving average) or "soup" (averaged runs)
     files: dict[str, dict[str, Any]]  # file name -> {"sha256": hex, "bytes": size}
     num_tensors: int  # stored tensors (aliases not counted)
     num_parameters: int  # their total number of elements

@@ -38,11 +38,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from mlflow_ema.architecture import RUN_TAG_MODEL_HPARAMS
 from mlflow_ema.ema import EMA
 from mlflow_ema.schedules import DecaySchedule
 from mlflow_ema.tracking import _SESSION, _active_run, _Watched
-
-RUN_TAG_MODEL_HPARAMS = "mlflow_ema.model_hparams"
 
 
 class EMACallback(pl.Callback):

@@ -236,3 +236,12 @@ def greedy_soup(
         if keep:
             kept, soup, best = trial_members, trial, value
     return kept, soup, best
+
+
+def tensor_specs(checkpoint: Path) -> list[dict]:
+    """Name, safetensors dtype and shape of each tensor in a checkpoint, from the header alone."""
+    f = _MappedSafetensors(Path(checkpoint) / WEIGHTS_FILE, str(checkpoint))
+    try:
+        return [{"name": n, "dtype": f.spec(n)[0], "shape": list(f.spec(n)[1])} for n in sorted(f.entries)]
+    finally:
+        f.close()

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlflow_ema.architecture import RUN_TAG_MODEL_CLASS, RUN_TAG_MODEL_FACTORY, RUN_TAG_MODEL_KWARGS
 from mlflow_ema.ema import EMA, unwrap_model
 from mlflow_ema.errors import CheckpointError, IncompatibleModelError, MlflowEmaError
 from mlflow_ema.ledger import EMA_PREFIX, Ledger
@@ -57,9 +58,6 @@ from mlflow_ema.uploader import (
 
 _logger = logging.getLogger("mlflow_ema")
 
-RUN_TAG_MODEL_CLASS = "mlflow_ema.model_class"
-RUN_TAG_MODEL_FACTORY = "mlflow_ema.model_factory"
-RUN_TAG_MODEL_KWARGS = "mlflow_ema.model_kwargs"
 NO_RUN_MESSAGE = (
     "no active MLflow run: the EMA is kept but no checkpoint is logged "
     "(train inside `with mlflow.start_run():`)"

@@ -1,0 +1,225 @@
+"""``mlflow-ema average`` as a library call: select, download, average, evaluate, register.
+
+Every step that can fail on bad input runs before anything is written to MLflow: the
+registered-model name is checked first, the members are verified and checked against
+each other before any arithmetic, and the model version is created last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlflow_ema.architecture import build_model, resolve_callable
+from mlflow_ema.checkpoint import read_manifest, save_checkpoint
+from mlflow_ema.errors import MlflowEmaError
+from mlflow_ema.registry import RegisteredSoup, check_model_name, register_soup
+from mlflow_ema.selection import Candidate, Selection, select
+from mlflow_ema.soup import AveragingError, Member, average, greedy_soup, normalized_weights
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclasses.dataclass
+class AverageOptions:
+    """The options of ``mlflow-ema average`` (see its ``--help``)."""
+
+    experiments: Sequence[str] = ()
+    run_id: str | None = None
+    filter_string: str | None = None
+    statuses: Sequence[str] = ("FINISHED",)
+    metric: str = "ema/val_acc"
+    mode: str = "max"
+    kind: str = "ema"
+    checkpoint: str = "best"
+    top_k: int = 5
+    min_k: int | None = None
+    strategy: str = "uniform"  # or "greedy"
+    weights: str = "uniform"  # "uniform", "metric" or "0.5,0.3,0.2"
+    eval_fn: str | None = None  # "module:function", called with the model, returns a score
+    update_bn: str | None = None  # "module:function" returning a data loader
+    dtype: str | None = None
+    accumulate: str = "float32"
+    allow_different_init: bool = False
+    register_as: str | None = None
+    alias: str | None = None
+    output: str | None = None
+    model_factory: str | None = None
+    model_kwargs: dict | None = None
+
+
+@dataclasses.dataclass
+class AverageResult:
+    selection: Selection
+    members: list[tuple[Candidate, float]] = dataclasses.field(default_factory=list)  # kept, with weights
+    rejected: list[tuple[Candidate, float]] = dataclasses.field(
+        default_factory=list
+    )  # greedy: (member, score)
+    soup_value: float | None = None
+    registered: RegisteredSoup | None = None
+    output: str | None = None
+
+
+def plan(options: AverageOptions) -> Selection:
+    """The selection alone (``--dry-run``), after the checks that need no download."""
+    if options.register_as:
+        check_model_name(options.register_as)
+    if options.strategy not in ("uniform", "greedy"):
+        raise MlflowEmaError(f"--strategy must be uniform or greedy, got {options.strategy!r}")
+    if options.strategy == "greedy" and not options.eval_fn:
+        raise MlflowEmaError("--strategy greedy needs --eval module:function to score each trial soup")
+    if options.dtype and options.dtype not in DTYPES:
+        raise MlflowEmaError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if options.accumulate not in ("float32", "float64"):
+        raise MlflowEmaError(f"--accumulate must be float32 or float64, got {options.accumulate!r}")
+    if options.alias and not options.register_as:
+        raise MlflowEmaError("--alias needs --register-as")
+    return select(
+        experiments=options.experiments, metric=options.metric, mode=options.mode, kind=options.kind,
+        checkpoint=options.checkpoint, top_k=options.top_k, min_k=options.min_k,
+        filter_string=options.filter_string, statuses=options.statuses, run_id=options.run_id,
+    )  # fmt: skip
+
+
+def run(
+    options: AverageOptions,
+    *,
+    selection: Selection | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AverageResult:
+    """Average the selected checkpoints and, with ``register_as``, register the result."""
+    import mlflow
+
+    if not options.register_as and not options.output:
+        raise MlflowEmaError("nothing to produce: give --register-as NAME and/or --output DIR")
+    selection = selection or plan(options)
+    candidates = selection.candidates
+    weights = _weights(options.weights, candidates)
+    result = AverageResult(selection)
+    kwargs = {
+        "accumulate": DTYPES[options.accumulate],
+        "dtype": DTYPES[options.dtype] if options.dtype else None,
+        "allow_different_init": options.allow_different_init,
+    }
+
+    def report(done: int, total: int) -> None:
+        if progress:
+            progress("averaging", done, total)
+
+    with tempfile.TemporaryDirectory(prefix="mlflow-ema-average-") as tmp:
+        members = []
+        for i, candidate in enumerate(candidates):
+            folder = Path(tmp) / f"{i:03d}-{candidate.model_id}"
+            folder.mkdir()
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=candidate.artifact_location, dst_path=str(folder)
+            )
+            members.append(Member(Path(local), weight=weights[i], label=candidate.label))
+            if progress:
+                progress("downloading", i + 1, len(candidates))
+        tags = mlflow.MlflowClient().get_run(candidates[0].run_id).data.tags
+
+        def new_model():
+            return build_model(tags, model_factory=options.model_factory, model_kwargs=options.model_kwargs)
+
+        score = _scorer(options.eval_fn, new_model) if options.eval_fn else None
+        by_path = {m.path: c for m, c in zip(members, candidates, strict=True)}
+        if options.strategy == "greedy":
+            kept, state, result.soup_value = greedy_soup(
+                members, score, mode=options.mode,
+                on_trial=lambda m, v, keep: None if keep else result.rejected.append((by_path[m.path], v)),
+                **kwargs,
+            )  # fmt: skip
+            used = kept
+            manifests = [read_manifest(m.path) for m in kept]
+        else:
+            state, manifests = average(members, progress=report, **kwargs)
+            used = members
+        if options.update_bn:
+            state = _update_bn(state, options.update_bn, new_model)
+        if score is not None and result.soup_value is None:
+            result.soup_value = score(state)
+        final_weights = normalized_weights([m.weight for m in used])
+        result.members = [(by_path[m.path], w) for m, w in zip(used, final_weights, strict=True)]
+        if options.output:
+            save_checkpoint(Path(options.output), state, kind="soup", init_fingerprint=manifests[0].init_fingerprint,
+                            metadata={"strategy": options.strategy, "members": [c.model_id for c, _ in result.members]})  # fmt: skip
+            result.output = options.output
+        if options.register_as:
+            experiment_id = mlflow.MlflowClient().get_run(candidates[0].run_id).info.experiment_id
+            result.registered = register_soup(
+                state,
+                [(c, w, m) for (c, w), m in zip(result.members, manifests, strict=True)],
+                name=options.register_as, alias=options.alias, experiment_id=experiment_id,
+                strategy=options.strategy, metric=options.metric, soup_value=result.soup_value,
+                model_factory=options.model_factory, model_kwargs=options.model_kwargs,
+                params=_params(options, result),
+            )  # fmt: skip
+    return result
+
+
+def _weights(spec: str, candidates: list[Candidate]) -> list[float]:
+    if spec == "uniform":
+        return [1.0] * len(candidates)
+    if spec == "metric":
+        values = [c.value for c in candidates]
+        if any(v is None or v <= 0 for v in values):
+            raise AveragingError("--weights metric needs a positive metric value for every member")
+        return normalized_weights(values)
+    try:
+        values = [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise AveragingError(
+            f"--weights must be uniform, metric or a comma-separated list, got {spec!r}"
+        ) from None
+    if len(values) != len(candidates):
+        raise AveragingError(
+            f"--weights lists {len(values)} weights for {len(candidates)} selected checkpoints"
+        )
+    return normalized_weights(values)
+
+
+def _scorer(spec: str, new_model: Callable[[], torch.nn.Module]) -> Callable[[dict], float]:
+    evaluate = resolve_callable(spec)
+
+    def score(state: dict) -> float:
+        model = new_model()
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            value = float(evaluate(model))
+        if value != value:
+            raise MlflowEmaError(f"{spec} returned NaN")
+        return value
+
+    return score
+
+
+def _update_bn(state: dict, spec: str, new_model: Callable[[], torch.nn.Module]) -> dict:
+    """Recompute BatchNorm statistics on the user's data (``torch.optim.swa_utils.update_bn``)."""
+    from torch.optim.swa_utils import update_bn
+
+    model = new_model()
+    model.load_state_dict(state)
+    update_bn(resolve_callable(spec)(), model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _params(options: AverageOptions, result: AverageResult) -> dict[str, Any]:
+    return {
+        "experiments": list(options.experiments), "run_id": options.run_id or "", "filter": options.filter_string or "",
+        "metric": options.metric, "mode": options.mode, "kind": options.kind, "checkpoint": options.checkpoint,
+        "top_k": options.top_k, "weights": [round(w, 6) for _, w in result.members],
+        "eval": options.eval_fn or "", "update_bn": options.update_bn or "",
+        "dtype": options.dtype or "input", "accumulate": options.accumulate,
+    }  # fmt: skip
