@@ -116,6 +116,13 @@ def run(
         if progress:
             progress("averaging", done, total)
 
+    tags = mlflow.MlflowClient().get_run(candidates[0].run_id).data.tags
+
+    def new_model() -> torch.nn.Module:
+        return build_model(tags, model_factory=options.model_factory, model_kwargs=options.model_kwargs)
+
+    if options.register_as or options.eval_fn or options.update_bn:
+        new_model()  # can the recorded architecture be rebuilt here? Find out before downloading.
     with tempfile.TemporaryDirectory(prefix="mlflow-ema-average-") as tmp:
         members = []
         for i, candidate in enumerate(candidates):
@@ -127,11 +134,6 @@ def run(
             members.append(Member(Path(local), weight=weights[i], label=candidate.label))
             if progress:
                 progress("downloading", i + 1, len(candidates))
-        tags = mlflow.MlflowClient().get_run(candidates[0].run_id).data.tags
-
-        def new_model():
-            return build_model(tags, model_factory=options.model_factory, model_kwargs=options.model_kwargs)
-
         score = _scorer(options.eval_fn, new_model) if options.eval_fn else None
         by_path = {m.path: c for m, c in zip(members, candidates, strict=True)}
         if options.strategy == "greedy":
