@@ -63,15 +63,20 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: str | None) -
         raise click.BadParameter(
             f"{path} must hold a mapping of option names to values", ctx=ctx, param=param
         )
-    known = {p.name: p for p in ctx.command.params if p.name}
+    # keys are the long option names (--top-k: top-k or top_k), or the parameter names
+    known: dict[str, click.Parameter] = {}
+    for p in ctx.command.params:
+        for flag in [*p.opts, p.name or ""]:
+            if flag.startswith("--") or flag == p.name:
+                known[flag.lstrip("-").replace("-", "_")] = p
     defaults = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known or name == "config":
+        target = known.get(str(key).replace("-", "_"))
+        if target is None or target.name == "config":
             raise click.BadParameter(f"{path}: unknown option {key!r}", ctx=ctx, param=param)
-        if getattr(known[name], "multiple", False) and not isinstance(value, list):
+        if getattr(target, "multiple", False) and not isinstance(value, list):
             value = [value]
-        defaults[name] = value
+        defaults[target.name] = value
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
 

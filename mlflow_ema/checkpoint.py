@@ -145,7 +145,8 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "mlflow_ema.kind": kind})
+        # one metadata key: safetensors writes them in hash order, which would make the file differ from run to run
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         files = [WEIGHTS_FILE]
         if training_state is not None:
             torch.save(dict(training_state), staging / TRAINING_STATE_FILE)

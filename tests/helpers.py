@@ -48,3 +48,20 @@ def logged_models(run_id: str) -> list:
         output_format="list",
     )
     return sorted(models, key=lambda m: (int(m.tags["mlflow_ema.step"]), m.tags["mlflow_ema.kind"]))
+
+
+def digits_accuracy(model) -> float:
+    """An --eval function for the CLI tests: accuracy on scikit-learn's digits."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    return (model(x).argmax(1) == torch.tensor(y)).float().mean().item()
+
+
+def digits_loader():
+    """An --update-bn function for the CLI tests: a loader over scikit-learn's digits."""
+    from sklearn.datasets import load_digits
+
+    x, _ = load_digits(return_X_y=True)
+    return torch.utils.data.DataLoader(torch.tensor(x / 16.0, dtype=torch.float32), batch_size=256)
