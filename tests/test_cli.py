@@ -36,3 +36,15 @@ def test_package_import_is_lazy_but_exports_the_api():
         "assert set(mlflow_ema.__all__) <= set(dir(mlflow_ema))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_subcommand_help_imports_neither_torch_nor_mlflow():
+    code = (
+        "import sys\nfrom mlflow_ema.cli import main\n"
+        "for cmd in ('average', 'promote', 'ls', 'inspect'):\n"
+        "    try:\n        main([cmd, '--help'])\n    except SystemExit as e:\n        assert e.code == 0\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mlflow'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "--register-as" in out.stdout and "--if-better" in out.stdout
