@@ -258,7 +258,7 @@ def average(experiments, run_id, filter_string, statuses, metric, mode, kind, ch
         if done >= total:
             bar.__exit__(None, None, None)
 
-    result = workflow.run(options, selection=selection, progress=progress)
+    result = workflow.average_runs(options, selection=selection, progress=progress)
     data = {
         "members": [{**c.as_dict(), "weight": w} for c, w in result.members],
         "rejected": [{**c.as_dict(), "score": s} for c, s in result.rejected],

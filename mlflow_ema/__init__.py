@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 from mlflow_ema._version import __version__
 
 _EXPORTS = {
+    "AverageOptions": "mlflow_ema.workflow",
+    "average_runs": "mlflow_ema.workflow",
+    "promote": "mlflow_ema.registry",
     "autolog": "mlflow_ema.tracking",
     "watch": "mlflow_ema.tracking",
     "log_checkpoint": "mlflow_ema.tracking",
@@ -43,6 +46,7 @@ _EXPORTS = {
 
 __all__ = [
     "EMA",
+    "AverageOptions",
     "BiasCorrectedDecay",
     "Checkpoint",
     "CheckpointError",
@@ -57,12 +61,14 @@ __all__ = [
     "WarmupDecay",
     "__version__",
     "autolog",
+    "average_runs",
     "flush",
     "get_ema",
     "init_fingerprint",
     "load_checkpoint",
     "load_training_state",
     "log_checkpoint",
+    "promote",
     "read_manifest",
     "resume",
     "save_checkpoint",
@@ -104,6 +110,7 @@ if TYPE_CHECKING:
         IncompatibleModelError,
         MlflowEmaError,
     )
+    from mlflow_ema.registry import promote
     from mlflow_ema.schedules import (
         BiasCorrectedDecay,
         ConstantDecay,
@@ -112,3 +119,4 @@ if TYPE_CHECKING:
         WarmupDecay,
     )
     from mlflow_ema.tracking import ResumeInfo, autolog, flush, get_ema, log_checkpoint, resume, swap, watch
+    from mlflow_ema.workflow import AverageOptions, average_runs

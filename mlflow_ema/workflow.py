@@ -91,7 +91,7 @@ def plan(options: AverageOptions) -> Selection:
     )  # fmt: skip
 
 
-def run(
+def average_runs(
     options: AverageOptions,
     *,
     selection: Selection | None = None,
