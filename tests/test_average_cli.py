@@ -63,6 +63,8 @@ def sweep(tmp_path_factory, digits):
         _sweep_run(digits, "d", 0.01, [0.55, 0.58])
         _sweep_run(digits, "failed", 0.1, [0.99], fail=True)
         _sweep_run(digits, "no-metric", 0.1, [0.5], metric="loss")
+        with mlflow.start_run(run_name="empty"):  # a run that logged no checkpoint
+            mlflow.log_metric("ema/val_acc", 0.99)
         mlflow.set_experiment("others")
         _sweep_run(digits, "other-init", 0.1, [0.95], seed=7)
         _sweep_run(digits, "wide", 0.1, [0.96], hidden=32)
@@ -278,6 +280,17 @@ def test_bad_selections_fail_in_one_line_and_register_nothing(cli, args, message
     assert message in out
     assert len([line for line in out.splitlines() if "error" in line]) == 1 and "Traceback" not in out
     assert registered_versions() == 0
+
+
+def test_a_run_without_checkpoints_is_refused(cli):
+    (run,) = mlflow.search_runs(
+        experiment_names=["digits"], filter_string="attributes.run_name = 'empty'", output_format="list"
+    )
+    out = cli("average", "--run", run.info.run_id, "--register-as", "soup", code=1)
+    assert f"run {run.info.run_id} has no READY ema checkpoint" in out
+    assert registered_versions() == 0
+    # and in a sweep it is left out (its run-level 0.99 is not a checkpoint's value)
+    assert "empty" not in {r["run_name"] for r in json.loads(cli("ls", "-e", "digits", "--json"))}
 
 
 def test_min_k_accepts_fewer_with_a_warning(cli, tmp_path):
