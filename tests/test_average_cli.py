@@ -112,7 +112,7 @@ def test_ls_ranks_runs_by_their_best_checkpoint_not_their_last_value(cli):
     rows = json.loads(cli("ls", "-e", "digits", "--checkpoint", "last", "--json"))
     assert [r["run_name"] for r in rows] == ["b", "c", "d", "a"]
     text = cli("ls", "-e", "digits")
-    assert "1 of 5 runs have no READY ema checkpoint" in text  # the empty run, noted on stderr
+    assert "1 of 6 runs have no READY ema checkpoint" in text  # the empty run, noted on stderr
     header = next(line for line in text.splitlines() if line.startswith("rank"))
     assert header.split() == ["rank", "run", "run", "id", "checkpoint", "step", "value"]
 
