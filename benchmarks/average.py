@@ -228,14 +228,14 @@ def child_measure(spec: dict) -> dict:
     start = time.perf_counter()
     if spec["variant"] == SOUP:
         soup.verify_checkpoint = clock.wrap("verify", soup.verify_checkpoint)
-        # file pages still mapped when averaging ends (all should have been released)
-        file_baseline, close = status_kib("RssFile"), soup._MappedSafetensors.close
+        # file pages still mapped when averaging ends (none: the files are read, not mapped)
+        file_baseline, close = status_kib("RssFile"), soup._SafetensorsFile.close
 
         def close_and_measure(self) -> None:
             mapped.setdefault("kib", status_kib("RssFile") - file_baseline)
             close(self)
 
-        soup._MappedSafetensors.close = close_and_measure
+        soup._SafetensorsFile.close = close_and_measure
         state, manifests = soup.average([soup.Member(p, 1.0, f"member {i}") for i, p in enumerate(members)])
         averaged = time.perf_counter()
         peaks["verify"] = clock.peaks["verify"]

@@ -34,6 +34,9 @@ _DTYPES = {
 }  # fmt: skip
 
 
+_CHUNK = 1 << 22  # bytes read per member at a time
+
+
 class AveragingError(MlflowEmaError):
     """The members cannot be averaged: mismatched tensors, other initialization, NaN/inf..."""
 
@@ -73,20 +76,26 @@ class _SafetensorsFile:
         entry = self.entries[name]
         return entry["dtype"], tuple(entry["shape"])
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor, read into ``out`` (a contiguous tensor of its dtype and size) if given."""
+    def read(
+        self, name: str, first: int = 0, count: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``first`` to ``first + count`` of the flattened tensor (all of it, in its
+        shape, by default), read into ``out`` when given."""
         entry = self.entries[name]
+        dtype = _DTYPES[entry["dtype"]]
+        size = torch.empty((), dtype=dtype).element_size()
         start, end = entry["data_offsets"]
-        if out is None:
-            out = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        done = 0
-        while done < end - start:
-            n = os.preadv(self._fd, [view[done:]], self._base + start + done)
+        whole = count is None
+        count = (end - start) // size - first if whole else count
+        out = torch.empty(count, dtype=dtype) if out is None else out
+        view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
+        done, offset = 0, self._base + start + first * size
+        while done < count * size:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
             if n <= 0:
                 raise CheckpointError(f"{self.label}: {name!r} ends early: the file is truncated")
             done += n
-        return out.view(entry["shape"])
+        return out.view(entry["shape"]) if whole else out
 
     def close(self) -> None:
         os.close(self._fd)
@@ -190,10 +199,15 @@ def _average_one(
     first = files[0].read(name)
     if not first.is_floating_point():  # integer buffers: the best-ranked member's, never divided
         return first
-    acc = first.to(accumulate, copy=True).mul_(weights[0])  # a copy: first is reused as the read buffer
+    acc = first.to(accumulate).mul_(weights[0])  # fp32 inputs: first itself becomes the sum
+    flat = acc.view(-1)
+    step = max(1, _CHUNK // first.element_size())
+    buffer = torch.empty(min(step, flat.numel()), dtype=first.dtype)
     for f, w in zip(files[1:], weights[1:], strict=True):
-        acc.add_(f.read(name, out=first), alpha=w)  # one read buffer, reused for every member
-    if not _finite(acc):
+        for lo in range(0, flat.numel(), step):  # in chunks: memory stays ~ the output
+            n = min(step, flat.numel() - lo)
+            flat[lo : lo + n].add_(f.read(name, lo, n, out=buffer[:n]), alpha=w)
+    if not all(_finite(chunk) for chunk in flat.split(step)):
         raise AveragingError(f"the average of {name!r} is not finite")
     return acc.to(dtype or first.dtype)
 

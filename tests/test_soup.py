@@ -1,0 +1,65 @@
+"""The averaging arithmetic: weights, dtypes, chunked reads, tied weights, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlflow_ema import save_checkpoint
+from mlflow_ema import soup as soup_module
+from mlflow_ema.soup import AveragingError, Member, average
+
+
+def members(tmp_path, states, fingerprints=None):
+    out = []
+    for i, state in enumerate(states):
+        fingerprint = fingerprints[i] if fingerprints else "same"
+        save_checkpoint(tmp_path / f"m{i}", state, kind="ema", init_fingerprint=fingerprint)
+        out.append(Member(tmp_path / f"m{i}", weight=1.0, label=f"member {i}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weighted_average_in_chunks_matches_the_direct_computation(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(soup_module, "_CHUNK", 64)  # 64 bytes: many chunks per tensor
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(7, 13, generator=g).to(dtype), "n": torch.tensor(i + 5)} for i in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    ms = [
+        Member(m.path, weight=w, label=m.label)
+        for m, w in zip(members(tmp_path, states), weights, strict=True)
+    ]
+    out, _ = average(ms)
+    expected = sum(w * s["w"].float() for s, w in zip(states, weights, strict=True))
+    assert out["w"].dtype == dtype
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(out["w"], expected.to(dtype), **tolerance)
+    again, _ = average(ms)
+    assert torch.equal(again["w"], out["w"])  # deterministic
+    assert torch.equal(out["n"], states[0]["n"])  # integer buffers: the first member's, never divided
+    out64, _ = average(ms, accumulate=torch.float64, dtype=torch.float32)
+    assert out64["w"].dtype == torch.float32
+
+
+def test_tied_weights_stay_tied(tmp_path):
+    tied = torch.full((3, 4), 2.0)
+    ms = members(tmp_path / "tied", [{"a": t, "b": t} for t in (tied, tied * 2)])
+    out, manifests = average(ms)
+    assert manifests[0].aliases == {"b": "a"} and out["b"] is out["a"]
+    assert torch.equal(out["a"], torch.full((3, 4), 3.0))
+
+
+def test_refusals_name_the_member(tmp_path):
+    ok = {"w": torch.ones(2, 2)}
+    with pytest.raises(AveragingError, match=r"member 1: 'w' is F32 \[2, 3\], member 0 has F32 \[2, 2\]"):
+        average(members(tmp_path / "shape", [ok, {"w": torch.ones(2, 3)}]))
+    with pytest.raises(AveragingError, match="member 1 lacks 'w'"):
+        average(members(tmp_path / "keys", [ok, {"v": torch.ones(2, 2)}]))
+    with pytest.raises(AveragingError, match="did not start from the same weights"):
+        average(members(tmp_path / "init", [ok, ok], fingerprints=["a", "b"]))
+    with pytest.raises(AveragingError, match="NaN or infinite"):
+        average(members(tmp_path / "nan", [ok, {"w": torch.full((2, 2), float("nan"))}]))
+    with pytest.raises(AveragingError, match="weights must be finite"):
+        average([Member(m.path, weight=-1.0) for m in members(tmp_path / "neg", [ok, ok])])
+    with pytest.raises(AveragingError, match="nothing to average"):
+        average([])
