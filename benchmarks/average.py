@@ -9,8 +9,10 @@ temporary folder, are averaged for k = 2 and k = 8 by:
 
 - ``(1) soup.average``: ``mlflow_ema.soup.average(members)`` then ``save_checkpoint`` of the
   result, the path ``mlflow-ema average`` takes. ``average`` verifies the sha256 of every member
-  first (a full read of each file), then memory-maps the files and sums one tensor at a time,
-  releasing the pages read with ``madvise(MADV_DONTNEED)``;
+  first (a full read of each file, in parallel threads), then sums one tensor at a time, reading
+  each member's tensor in 4 MiB chunks straight into the accumulator (an earlier version
+  memory-mapped the files and released pages with ``madvise``; this benchmark showed mapped
+  pages staying resident and growing with k);
 - ``(2) load all``: the "apply_swa" approach of many repositories: ``load_checkpoint`` of every
   member (which verifies the sha256 too) kept in a list, then ``torch.stack(...).mean(0)`` key
   by key (integer buffers from the first member), then ``save_checkpoint``;
@@ -24,8 +26,8 @@ child imports everything, reads ``VmRSS`` from ``/proc/self/status`` as its base
 work, and reports its peak RSS above the baseline as ``ru_maxrss`` minus that baseline, in
 multiples of one checkpoint file's size. ``VmHWM`` (the same high-water mark) is read after each
 phase, so the tables also show where the peak is reached, and for (1) the file pages still
-mapped when averaging ends (``RssFile`` above the baseline just before the maps are closed: the
-pages ``madvise`` did not release). Times are measured inside the child
+mapped when averaging ends (``RssFile`` above the baseline just before the files are closed;
+about 0 now that nothing is mapped). Times are measured inside the child
 (imports excluded); (1) is split into verify (sha256 of the members), average (the rest of
 ``average()``) and save (``save_checkpoint``: write, sha256, NaN/inf check, fsync), by wrapping
 those functions with timers, which does not change what they do.
