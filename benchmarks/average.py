@@ -70,6 +70,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import print_verdicts  # a sibling module: the scripts run from benchmarks/
+
 # No torch at module level: the parent must stay small (see the docstring).
 
 SOUP = "(1) soup.average"
@@ -699,14 +701,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\n{load_average()} at the end; removed {tmp}\n")
-    failed = False
-    for line, ok in lines:
-        if args.quick and not line.startswith("sanity"):
-            print(f"{'pass' if ok else 'fail'} (--quick: not a measurement): {line}")
-            continue
-        print(f"{'PASS' if ok else 'FAIL'}: {line}")
-        failed |= not ok
-    return 1 if failed else 0
+    return print_verdicts(lines, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from _common import print_verdicts  # a sibling module: the scripts run from benchmarks/
 from mlflow import MlflowClient
 from torch import nn
 from torch.nn import functional as F
@@ -485,14 +486,7 @@ def main() -> int:
     threads_after = native_threads()
     print(f"\n{load_average()} at the end")
     results = report(s, runs, (threads_before, threads_after))
-    failed = False
-    for line, ok in results:
-        if args.quick and not line.startswith("sanity"):
-            print(f"{'pass' if ok else 'fail'} (--quick: not a measurement): {line}")
-            continue
-        print(f"{'PASS' if ok else 'FAIL'}: {line}")
-        failed |= not ok
-    return 1 if failed else 0
+    return print_verdicts(results, quick=args.quick)
 
 
 if __name__ == "__main__":
