@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,7 +218,8 @@ def test_greedy_soup_keeps_only_members_that_help(cli, tmp_path):
                          "helpers:digits_accuracy", "--register-as", "greedy-soup", "--json"))  # fmt: skip
     kept, rejected = out["members"], out["rejected"]
     assert len(kept) + len(rejected) == 4 and kept[0]["run_name"] == "a"
-    assert out["soup_value"] >= max(r["score"] for r in rejected) if rejected else True
+    # a rejected trial scored below the soup of its time, and the soup only gets better
+    assert all(out["soup_value"] > r["score"] for r in rejected)
     run = mlflow.get_run(out["registered"]["run_id"])
     assert run.data.metrics["ema/val_acc"] == pytest.approx(out["soup_value"])
     assert "needs --eval" in cli("average", "-e", "digits", "--strategy", "greedy", "--output", "g", code=1)
@@ -377,4 +377,3 @@ def test_inspect_shows_the_manifest_and_tensors(cli):
     text = cli("inspect", f"models:/{top['model_id']}")
     assert "(verified)" in text and "1.num_batches_tracked" in text
     assert "no checkpoint folder" in cli("inspect", "/nonexistent", code=1)
-    shutil.rmtree(Path("unused"), ignore_errors=True)
