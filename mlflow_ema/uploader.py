@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -149,6 +150,9 @@ class Uploader:
     # -- the background thread -----------------------------------------------------------
 
     def _work(self) -> None:
+        # Background work yields the cores to the training step (Linux: per-thread nice).
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._jobs or self._to_sync or self._closed)
