@@ -49,7 +49,6 @@ class Candidate:
 class Selection:
     candidates: list[Candidate]
     warnings: list[str]
-    considered_runs: int
 
 
 def _metric_value(model: Any, metric: str, step: int) -> float | None:
@@ -180,7 +179,7 @@ def select(
             f"no run in {', '.join(experiments)} has a {kind} checkpoint with metric {metric!r}"
         )
     ranked = _rank(best_per_run, mode)[:top_k]
-    return Selection(_enough(ranked, top_k, min_k, "runs", notes), notes, len(runs))
+    return Selection(_enough(ranked, top_k, min_k, "runs", notes), notes)
 
 
 def _select_in_run(
@@ -212,7 +211,7 @@ def _select_in_run(
         if not scored:
             raise SelectionError(f"no {kind} checkpoint of run {run_id} has metric {metric!r}")
         ranked = _rank(scored, mode)[:top_k]
-    return Selection(_enough(ranked, top_k, min_k, "checkpoints", notes), notes, 1)
+    return Selection(_enough(ranked, top_k, min_k, "checkpoints", notes), notes)
 
 
 def _enough(

@@ -63,3 +63,20 @@ def test_refusals_name_the_member(tmp_path):
         average([Member(m.path, weight=-1.0) for m in members(tmp_path / "neg", [ok, ok])])
     with pytest.raises(AveragingError, match="nothing to average"):
         average([])
+
+
+def test_greedy_soup_keeps_a_member_only_when_the_score_does_not_drop(tmp_path):
+    from mlflow_ema.soup import greedy_soup
+
+    # the score prefers an average close to 1.0: with 1.2 the soup drifts to 1.1 (rejected);
+    # another 1.0 keeps the score as it is (kept: ties count as no worse)
+    ms = members(tmp_path, [{"w": torch.full((2,), v)} for v in (1.0, 1.2, 1.0)])
+    tried = []
+    kept, soup, best = greedy_soup(
+        ms,
+        lambda state: -abs(float(state["w"][0]) - 1.0),
+        on_trial=lambda m, value, keep: tried.append((m.label, keep)),
+    )
+    assert tried == [("member 0", True), ("member 1", False), ("member 2", True)]
+    assert [m.label for m in kept] == ["member 0", "member 2"]
+    assert torch.equal(soup["w"], torch.full((2,), 1.0)) and best == 0.0
