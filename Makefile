@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python examples/train_digits.py
+	$(BIN)/python examples/digits_soup.py
 
 lint: install
 	$(BIN)/ruff check .

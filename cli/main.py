@@ -228,7 +228,11 @@ def average(experiments, run_id, filter_string, statuses, metric, mode, kind, ch
     they fit together (tensors, init fingerprint, sha256, finite weights), averages them
     one tensor at a time, logs the averaging as an MLflow run and registers the model.
     """
+    import os
+
     from mlflow_ema import workflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bar shows the downloads
 
     options = workflow.AverageOptions(
         experiments=_experiments(experiments, run_id), run_id=run_id, filter_string=filter_string,

@@ -33,16 +33,41 @@ import mlflow_ema
 FACTORY = "examples.train_digits:build_model"
 
 
-def load_digits_split(seed: int = 0):
-    """Digits as (x_train, y_train, x_val, y_val) tensors: a fixed 80/20 split."""
+def digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Digits as ``{"train", "val", "test"}`` -> (x, y) tensors: a fixed 60/20/20 split.
+
+    ``val`` ranks checkpoints and scores soups; ``test`` is held out from both, so the main
+    job's final table (``examples/digits_soup.py``) is not biased by the selection."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     y = torch.tensor(y, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(x))
-    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+    a, b = int(0.6 * len(x)), int(0.8 * len(x))
+    parts = {"train": order[:a], "val": order[a:b], "test": order[b:]}
+    return {name: (x[idx], y[idx]) for name, idx in parts.items()}
+
+
+def load_digits_split(seed: int = 0):
+    """(x_train, y_train, x_val, y_val) of :func:`digits_splits`; the test part stays unseen."""
+    splits = digits_splits(seed)
+    return (*splits["train"], *splits["val"])
+
+
+def augment(x: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:
+    """``shift``: move each 8x8 image by up to one pixel; ``noise``: add Gaussian noise
+    (sigma 0.1); ``none``: leave it."""
+    if how == "noise":
+        return x + 0.1 * torch.randn(x.shape, generator=generator)
+    if how == "shift":
+        n = len(x)
+        padded = nn.functional.pad(x.view(n, 8, 8), (1, 1, 1, 1))
+        dy, dx = torch.randint(0, 3, (2, n), generator=generator)
+        rows = (dy[:, None] + torch.arange(8))[:, :, None]
+        cols = (dx[:, None] + torch.arange(8))[:, None, :]
+        return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, 64)
+    return x
 
 
 def build_model(hidden: int = 128) -> nn.Module:
@@ -60,10 +85,21 @@ def build_model(hidden: int = 128) -> nn.Module:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    was_training = model.training
     model.eval()
     correct = (model(x).argmax(dim=1) == y).float().mean().item()
-    model.train()
+    model.train(was_training)
     return correct
+
+
+def val_accuracy(model: nn.Module) -> float:
+    """Accuracy on the validation split: ``mlflow-ema average --eval examples.train_digits:val_accuracy``."""
+    return accuracy(model, *digits_splits()["val"])
+
+
+def test_accuracy(model: nn.Module) -> float:
+    """Accuracy on the held-out test split, for the main job's final comparison only."""
+    return accuracy(model, *digits_splits()["test"])
 
 
 def load_initial_weights(model: nn.Module, source: str) -> None:
@@ -77,7 +113,8 @@ def load_initial_weights(model: nn.Module, source: str) -> None:
     model.load_state_dict(state_dict)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
+    """Train one run; returns its MLflow run id."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -85,10 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--decay", type=float, default=0.99, help="EMA decay, warmed up from 0")
+    parser.add_argument("--augment", choices=["none", "shift", "noise"], default="none",
+                        help="training-time augmentation: shift by up to a pixel, or Gaussian noise")  # fmt: skip
     parser.add_argument("--init-from", help="checkpoint folder or models:/<model_id> to start from")
     parser.add_argument("--keep-top-k", type=int, default=3, help="checkpoints kept per run (plus the last)")
     parser.add_argument("--experiment", default="digits")
+    parser.add_argument("--run-name", help="MLflow run name (default: MLflow picks one)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing per epoch")
     args = parser.parse_args(argv)
+    say = (lambda *a, **k: None) if args.quiet else print
 
     import mlflow  # imported here so --help answers at once
 
@@ -101,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         model_kwargs={"hidden": args.hidden},
     )
     torch.manual_seed(args.seed)
+    noise = torch.Generator().manual_seed(args.seed)
     x_train, y_train, x_val, y_val = load_digits_split()
     model = build_model(args.hidden)
     if args.init_from:
@@ -111,13 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     mlflow.set_experiment(args.experiment)
-    with mlflow.start_run() as run:
+    with mlflow.start_run(run_name=args.run_name) as run:
         mlflow.log_params(vars(args))
-        print(f"run {run.info.run_id} in experiment {args.experiment!r}")
-        print(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}  {'lag':>7}")
+        say(f"run {run.info.run_id} in experiment {args.experiment!r}")
+        say(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}  {'lag':>7}")
         for epoch in range(1, args.epochs + 1):
             for xb, yb in loader:  # the end of this loop is an epoch end for autolog
-                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss = nn.functional.cross_entropy(model(augment(xb, args.augment, noise)), yb)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -126,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             with mlflow_ema.swap():  # EMA weights in; val_acc is logged as ema/val_acc
                 ema_acc = accuracy(model, x_val, y_val)
                 mlflow.log_metric("val_acc", ema_acc, step=epoch)
-            print(f"{epoch:>5}  {raw_acc:>7.4f}  {ema_acc:>7.4f}  {raw_acc - ema_acc:>+7.4f}")
-    print("checkpoints (raw and EMA LoggedModels) are in the run; see them in the MLflow UI's Models tab")
+            say(f"{epoch:>5}  {raw_acc:>7.4f}  {ema_acc:>7.4f}  {raw_acc - ema_acc:>+7.4f}")
+    say("checkpoints (raw and EMA LoggedModels) are in the run; see them in the MLflow UI's Models tab")
+    return run.info.run_id
 
 
 if __name__ == "__main__":

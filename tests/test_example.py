@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -58,3 +59,50 @@ def test_train_digits_starts_from_a_logged_checkpoint(tracking, tmp_path):
     weights = fetch(base, tmp_path).state_dict
     params = {k: v for k, v in weights.items() if "running" not in k and "num_batches" not in k}
     assert {m.tags["mlflow_ema.init_fingerprint"] for m in checkpoints("tuned")} == {init_fingerprint(params)}
+
+
+def test_main_job_twice_in_one_folder(tracking, capsys):
+    """The quick start's main job, shortened: pretrain, sweep, uniform and greedy soups,
+    register, promote, load the champion. A second run in the same folder adds versions
+    and leaves the first run's untouched."""
+    import mlflow.pytorch
+
+    from examples.digits_soup import main
+    from examples.train_digits import test_accuracy
+
+    client = mlflow.MlflowClient()
+    job = ["--base-epochs", "2", "--epochs", "2"]
+    main(job)
+    first = capsys.readouterr().out
+    assert sorted(str(v.version) for v in client.search_model_versions("name='digits-soup'")) == ["1", "2"]
+    assert str(client.get_model_version_by_alias("digits-soup", "candidate").version) == "2"
+    before = {str(v.version): (v.run_id, v.tags) for v in client.search_model_versions("name='digits-soup'")}
+
+    main(job)
+    second = capsys.readouterr().out
+    versions = {str(v.version): v for v in client.search_model_versions("name='digits-soup'")}
+    assert sorted(versions) == ["1", "2", "3", "4"]
+    for number, (run_id, tags) in before.items():  # nothing clobbered
+        assert (versions[number].run_id, {k: versions[number].tags[k] for k in tags}) == (run_id, tags)
+
+    # Each soup averages its own sweep only: members share their run's init_from.
+    def bases(version) -> set[str]:
+        members = json.loads(version.tags["mlflow_ema.sources"])
+        return {mlflow.get_run(m["run_id"]).data.params["init_from"] for m in members}
+
+    (base_1,), (base_2,) = bases(versions["1"]), bases(versions["3"])
+    assert base_1 != base_2 and bases(versions["2"]) == {base_1} and bases(versions["4"]) == {base_2}
+    runs = mlflow.search_runs(experiment_names=["digits"], output_format="list")
+    assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith(("base", "soup"))) == [
+        "base", "base", *["soup-digits-soup"] * 4
+    ]  # fmt: skip
+    assert sum(r.info.run_name.startswith("ft-") for r in runs) == 12
+
+    # The table's champion row is what models:/digits-soup@champion loads.
+    champion = client.get_model_version_by_alias("digits-soup", "champion")
+    accuracy = test_accuracy(mlflow.pytorch.load_model("models:/digits-soup@champion"))
+    for out in (first, second):
+        assert "best single run, raw weights" in out and "greedy soup" in out and "uniform soup" in out
+    (row,) = [line for line in second.splitlines() if line.endswith("<- models:/digits-soup@champion")]
+    assert f"digits-soup version {champion.version} " in row
+    assert row.split()[-3] == f"{accuracy:.4f}"
