@@ -7,6 +7,7 @@ command imports torch and mlflow when it runs. Exit codes: 0 success, 1 an error
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
@@ -18,8 +19,21 @@ from mlflow_ema._version import __version__
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+class _Command(click.Command):
+    """Runs a command with whatever the libraries it calls print (MLflow's "View run" and
+    registration notices) sent to stderr: stdout carries only the result, so ``--json``
+    output parses."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        ctx.meta["mlflow_ema.stdout"] = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().invoke(ctx)
+
+
 class _Group(click.Group):
     """Turns errors into one line on stderr and exit code 1, unless ``--debug``."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -35,6 +49,14 @@ class _Group(click.Group):
 
 def _one_line(error: Exception) -> str:
     message = getattr(error, "message", None) or str(error) or type(error).__name__
+    cause: BaseException | None = error
+    for _ in range(10):  # MLflow raises it when the store opens; a wrapper may have chained it
+        if cause is None:
+            break
+        text = str(getattr(cause, "message", None) or cause)
+        if "Detected out-of-date database schema" in text:
+            return _schema_mismatch(text)
+        cause = cause.__cause__ or cause.__context__
     if (
         "Max retries exceeded" in message
         or "Connection refused" in message
@@ -45,6 +67,33 @@ def _one_line(error: Exception) -> str:
         return f"cannot reach the tracking server at {mlflow.get_tracking_uri()} ({message.splitlines()[0][:200]})"
     first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
     return first[:500]
+
+
+def _schema_mismatch(message: str) -> str:
+    """MLflow's "Detected out-of-date database schema (found version X, but expected Y)" as
+    one line with the command to run, or the advice to upgrade MLflow when X is newer."""
+    import re
+
+    import mlflow
+
+    uri = re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", mlflow.get_tracking_uri())  # no password
+    found = re.search(r"found version (\w+), but expected (\w+)", message)
+    have, need = found.groups() if found else ("unknown", "the latest")
+    try:
+        from alembic.script import ScriptDirectory
+        from mlflow.store.db.utils import _get_alembic_config
+
+        ScriptDirectory.from_config(_get_alembic_config("")).get_revision(have)
+    except Exception:  # a revision this MLflow's migrations do not know: a newer MLflow wrote it
+        if found and have != "None":
+            return (
+                f"the MLflow store {uri} has schema revision {have}, unknown to this MLflow "
+                f"{mlflow.__version__} (it needs {need}): the store was written by a newer MLflow; upgrade MLflow"
+            )
+    return (
+        f"the MLflow store {uri} has an older schema (revision {have}, this MLflow {mlflow.__version__} "
+        f"needs {need}); back it up, then run: mlflow db upgrade {uri}"
+    )
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, path: str | None) -> str | None:
@@ -89,7 +138,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 
 def _emit(as_json: bool, data: Any, text: str) -> None:
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+    out = click.get_current_context().meta.get("mlflow_ema.stdout")
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text, file=out)
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -270,7 +320,8 @@ def average(experiments, run_id, filter_string, statuses, metric, mode, kind, ch
         "registered": None if result.registered is None else vars(result.registered),
         "output": result.output,
     }
-    lines = [f"averaged {len(result.members)} checkpoints ({strategy})"]
+    count = len(result.members)
+    lines = [f"averaged {count} checkpoint{'s' if count != 1 else ''} ({strategy})"]
     if result.soup_value is not None:
         lines.append(f"soup {metric}: {result.soup_value:.6g}")
     if result.registered:

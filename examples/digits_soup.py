@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="digits")
     parser.add_argument("--model-name", default="digits-soup", help="registered model for the soups")
-    parser.add_argument("--base-epochs", type=int, default=15)
+    parser.add_argument("--base-epochs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=8, help="epochs of each fine-tuning run")
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args(argv)

@@ -106,9 +106,12 @@ def _candidate(model: Any, metric: str, run_names: dict[str, str]) -> Candidate:
     )
 
 
-def _rank(candidates: list[Candidate], mode: str) -> list[Candidate]:
+def _rank(candidates: list[Candidate], mode: str, started: dict[str, int] | None = None) -> list[Candidate]:
+    """Best first. Ties go to the run started first, then to the later checkpoint: the same
+    sweep, run again, ranks the same way (run ids are random)."""
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(candidates, key=lambda c: (sign * c.value, c.run_id, -c.step))
+    started = started or {}
+    return sorted(candidates, key=lambda c: (sign * c.value, started.get(c.run_id, 0), c.run_id, -c.step))
 
 
 def select(
@@ -154,6 +157,7 @@ def select(
     runs = client.search_runs(experiment_ids, filter_string=filter_string or "", max_results=50000)
     runs = [r for r in runs if not statuses or r.info.status in statuses]
     run_names = {r.info.run_id: r.info.run_name for r in runs}
+    started = {r.info.run_id: r.info.start_time or 0 for r in runs}
     if not runs:
         raise SelectionError(
             f"no {'/'.join(statuses) or ''} runs in {', '.join(experiments)} match the filter"
@@ -178,7 +182,7 @@ def select(
         raise SelectionError(
             f"no run in {', '.join(experiments)} has a {kind} checkpoint with metric {metric!r}"
         )
-    ranked = _rank(best_per_run, mode)[:top_k]
+    ranked = _rank(best_per_run, mode, started)[:top_k]
     return Selection(_enough(ranked, top_k, min_k, "runs", notes), notes)
 
 
