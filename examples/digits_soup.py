@@ -53,9 +53,16 @@ def step(n: int, text: str) -> None:
     print(f"\n[{n}/5] {text}", flush=True)
 
 
+def quote(arg: str) -> str:
+    """Shell quoting that reads well: "params.x = 'y'" rather than shlex's '"'"' runs."""
+    if shlex.quote(arg) == arg or any(c in arg for c in '"$`\\!'):
+        return shlex.quote(arg)
+    return f'"{arg}"'
+
+
 def mlflow_ema_cli(*args: str) -> None:
     """Run ``mlflow-ema ARGS`` as a user would, showing the command and its output."""
-    print("$ mlflow-ema " + shlex.join(args), flush=True)
+    print("$ mlflow-ema " + " ".join(map(quote, args)), flush=True)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -86,7 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     from examples import train_digits
     from mlflow_ema.selection import select
 
-    print(f"tracking URI: {mlflow.get_tracking_uri()}")
+    uri = mlflow.get_tracking_uri()
+    print(f"tracking URI: {uri}")
+    if uri.startswith(("http://", "https://")):  # fail now, not after MLflow's minutes of retries
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except OSError as e:
+            sys.exit(f"digits_soup: cannot reach the tracking server at {uri} ({e})")
     step(1, f"pretraining the base network ({args.base_epochs} epochs)")
     base_run = train_digits.main(
         ["--experiment", args.experiment, "--run-name", "base", "--epochs", str(args.base_epochs), "--quiet"]
@@ -125,10 +140,12 @@ def main(argv: list[str] | None = None) -> None:
 
     step(5, f"loading models:/{args.model_name}@champion and scoring on the held-out test digits")
     print_table(args, selection_filter=f"params.init_from = '{init_from}'", versions=versions)
-    uri = mlflow.get_tracking_uri()
     if uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}":
         uri = "sqlite:///mlflow.db"
-    print(f"\ndone in {elapsed().strip()}; look at it with: mlflow ui --backend-store-uri {uri}")
+    if uri.startswith(("http://", "https://")):
+        print(f"\ndone in {elapsed().strip()}; see it at {uri}")
+    else:
+        print(f"\ndone in {elapsed().strip()}; look at it with: mlflow ui --backend-store-uri {uri}")
 
 
 def print_table(args: argparse.Namespace, *, selection_filter: str, versions: dict) -> None:
