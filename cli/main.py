@@ -83,9 +83,13 @@ def _schema_mismatch(message: str) -> str:
         from alembic.script import ScriptDirectory
         from mlflow.store.db.utils import _get_alembic_config
 
-        ScriptDirectory.from_config(_get_alembic_config("")).get_revision(have)
-    except Exception:  # a revision this MLflow's migrations do not know: a newer MLflow wrote it
-        if found and have != "None":
+        script = ScriptDirectory.from_config(_get_alembic_config(""))
+    except Exception:  # MLflow's internals moved: say the usual thing
+        script = None
+    if script is not None and found and have != "None":
+        try:
+            script.get_revision(have)
+        except Exception:  # a revision this MLflow's migrations do not know: a newer MLflow wrote it
             return (
                 f"the MLflow store {uri} has schema revision {have}, unknown to this MLflow "
                 f"{mlflow.__version__} (it needs {need}): the store was written by a newer MLflow; upgrade MLflow"

@@ -114,7 +114,9 @@ def check_members(
         try:
             return verify_checkpoint(member.path) if verify else read_manifest(member.path)
         except CheckpointError as e:
-            raise CheckpointError(f"{member.name}: {e}") from None
+            # a labelled member was downloaded to a temporary folder: name the file, not the folder
+            text = str(e).replace(f"{member.path}{os.sep}", "") if member.label else str(e)
+            raise type(e)(f"{member.name}: {text}") from None
 
     # sha256 is the slow part (~1.2 GB/s a core) and hashlib releases the GIL: hash in parallel
     with ThreadPoolExecutor(max_workers=max(1, min(len(members), os.cpu_count() or 1))) as pool:
