@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -36,6 +36,47 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DTensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model's parameters are DTensors (FSDP2's ``fully_shard``, tensor
+    parallelism): each rank holds only its shards."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view of its storage, so writes reach the
+    model), or the tensor itself."""
+    dtensor = _dtensor_type()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+class _Gathered(Mapping):
+    """The model's parameters with DTensors gathered one at a time, on access: the init
+    fingerprint of a sharded model without holding the full model at once. Every rank
+    must read it in the same order (the gathers are collectives)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        return tensor.full_tensor() if _local(tensor) is not tensor else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 @dataclasses.dataclass
@@ -193,17 +234,18 @@ class EMA:
                 f"{type(self._model).__name__} has no floating-point tensors to average"
             )
         with torch.no_grad():
-            self._shadow = {
-                name: t.detach().to(
-                    device=self._device or t.device,
-                    dtype=self._dtype or _default_dtype(t.dtype),
-                    copy=True,
+            # A sharded (DTensor) weight is averaged shard by shard: each rank keeps the EMA
+            # of its own shards and an update needs no communication.
+            self._shadow = {}
+            for name, t in self._layout.averaged.items():
+                dtype = self._dtype or _default_dtype(t.dtype)
+                self._shadow[name] = (
+                    _local(t).detach().to(device=self._device or t.device, dtype=dtype, copy=True)
                 )
-                for name, t in self._layout.averaged.items()
-            }
         # Identifies the starting weights: averaging later refuses runs that differ. Parameters
         # only: BatchNorm statistics already move in the forward pass before the first step.
-        self.init_fingerprint = init_fingerprint(dict(self._model.named_parameters()))
+        # Sharded weights are gathered for it one at a time, once.
+        self.init_fingerprint = init_fingerprint(_Gathered(dict(self._model.named_parameters())))
         self._swapped = False
         self._pending: list[tuple[Any, _Group, str, float]] = []
         self._plan = self._build_plan()
@@ -264,6 +306,7 @@ class EMA:
     def _build_plan(self) -> list[_Group]:
         groups: dict[tuple, _Group] = {}
         for name, weight in self._layout.averaged.items():
+            weight = _local(weight)
             shadow = self._shadow[name]
             if self._device is None and shadow.device != weight.device:
                 # The shadow follows a model moved after the EMA was built (model.cuda()).
@@ -319,7 +362,7 @@ class EMA:
         if self._swapped:
             raise RuntimeError("EMA.swap() is already active")
         self._finish_pending()
-        targets = [self._layout.averaged[n] for n in self._shadow]
+        targets = [_local(self._layout.averaged[n]) for n in self._shadow]
         with torch.no_grad():
             raw = [t.detach().clone() for t in targets]
             torch._foreach_copy_(targets, list(self._shadow.values()))
@@ -337,24 +380,36 @@ class EMA:
         end of training or into a separate evaluation copy."""
         self._finish_pending()
         layout = self._layout if model is None else self._layout_of(model)
-        torch._foreach_copy_([layout.averaged[n] for n in self._shadow], list(self._shadow.values()))
+        torch._foreach_copy_([_local(layout.averaged[n]) for n in self._shadow], list(self._shadow.values()))
         if layout is not self._layout and layout.mirrored:
             names = list(self._layout.mirrored)
             torch._foreach_copy_(
-                [layout.mirrored[n] for n in names],
-                [self._layout.mirrored[n].detach() for n in names],
+                [_local(layout.mirrored[n]) for n in names],
+                [_local(self._layout.mirrored[n]).detach() for n in names],
             )
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA weights keyed as ``model.state_dict()``: the averaged tensors (in the
         EMA's dtype and device) and the model's own for what is not averaged. Tied
-        weights appear under each of their names as one tensor. No copies are made."""
+        weights appear under each of their names as one tensor. No copies are made.
+        A sharded model's averaged weights come as DTensors over this rank's shards, like
+        its own ``state_dict()``."""
         self._finish_pending()
         live = {n: t.detach() for n, t in self._layout.mirrored.items()}
+        averaged = {name: self._as_model_tensor(name) for name in self._shadow}
         return {
-            key: self._shadow[name] if name in self._shadow else live[name]
+            key: averaged[name] if name in averaged else live[name]
             for key, name in self._layout.state_keys.items()
         }
+
+    def _as_model_tensor(self, name: str) -> torch.Tensor:
+        weight, shadow = self._layout.averaged[name], self._shadow[name]
+        if _local(weight) is weight:
+            return shadow
+        return type(weight).from_local(
+            shadow, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape,
+            stride=weight.stride(),
+        )  # fmt: skip
 
     # -- saving and resuming ----------------------------------------------------------
 

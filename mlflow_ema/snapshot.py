@@ -100,3 +100,18 @@ def take_snapshot(value: Any) -> Snapshot:
         event = torch.cuda.Event()
         event.record()
     return Snapshot(value, event)
+
+
+def gather_sharded(model: Any, ema: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Full state dicts of a sharded (FSDP2 / DTensor) model and of its EMA, gathered to
+    rank 0's CPU one tensor at a time by ``torch.distributed.checkpoint.state_dict``
+    (``full_state_dict=True, cpu_offload=True``). A collective: every rank must call it, at
+    the same point; the other ranks get empty dicts. The EMA's shards are swapped into the
+    model for its gather, so its checkpoint has the model's parameter dtype."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    raw = get_model_state_dict(model, options=options)
+    with ema.swap():
+        averaged = get_model_state_dict(model, options=options)
+    return raw, averaged

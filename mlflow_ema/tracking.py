@@ -40,11 +40,11 @@ import torch
 from torch import nn
 
 from mlflow_ema.architecture import RUN_TAG_MODEL_CLASS, RUN_TAG_MODEL_FACTORY, RUN_TAG_MODEL_KWARGS
-from mlflow_ema.ema import EMA, unwrap_model
+from mlflow_ema.ema import EMA, is_sharded, unwrap_model
 from mlflow_ema.errors import CheckpointError, IncompatibleModelError, MlflowEmaError
 from mlflow_ema.ledger import EMA_PREFIX, Ledger
 from mlflow_ema.schedules import DecaySchedule, WarmupDecay
-from mlflow_ema.snapshot import Later, take_snapshot
+from mlflow_ema.snapshot import Later, Snapshot, gather_sharded, take_snapshot
 from mlflow_ema.uploader import (
     RUN_TAG_UPLOAD_FAILURES,
     TAG_KIND,
@@ -85,6 +85,7 @@ class AutologConfig:
     model_factory: str | None = None
     model_kwargs: dict[str, Any] | None = None
     max_queue: int = 2
+    ema_ranks: str = "all"  # or "zero": under DDP only rank 0 keeps the EMA
     silent: bool = False
 
 
@@ -101,6 +102,8 @@ class _Watched:
     run_tags: dict[str, str]
     epoch: int = 0
     run_id: str | None = None  # the active run during its last step
+    sharded: bool = False  # DTensor parameters (FSDP2): checkpoints gather, on every rank
+    gathered_step: int | None = None  # a sharded model's last checkpointed step, on every rank
 
     @property
     def prefix(self) -> str:
@@ -115,6 +118,11 @@ def _rank_zero() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _ema_here(config: AutologConfig) -> bool:
+    """Does this rank keep an EMA? Every rank does, unless ``ema_ranks="zero"``."""
+    return config.ema_ranks == "all" or _rank_zero()
 
 
 def _active_run() -> tuple[str, str] | None:
@@ -320,6 +328,8 @@ class _Session:
             self.step(w)
 
     def resolve(self, optimizer: Any) -> _Watched | None:
+        if not _ema_here(self.config):
+            return None
         for w in self.watched:
             if any(o is optimizer for o in w.optimizers):
                 return w
@@ -354,6 +364,12 @@ class _Session:
     ) -> _Watched:
         c = self.config
         model = unwrap_model(model)
+        sharded = is_sharded(model)
+        if sharded and c.ema_ranks != "all":
+            raise MlflowEmaError(
+                "the model is sharded (DTensor parameters, e.g. FSDP2): every rank keeps the EMA of its "
+                "own shards, so ema_ranks must be 'all'"
+            )
         if ema is None:
             ema = EMA(
                 model,
@@ -372,7 +388,7 @@ class _Session:
             )
         if schedulers is None:
             schedulers = find_schedulers(optimizers) if optimizers else []
-        w = _Watched(model, ema, list(optimizers), schedulers, name, owner, run_tags)
+        w = _Watched(model, ema, list(optimizers), schedulers, name, owner, run_tags, sharded=sharded)
         self.watched.append(w)
         return w
 
@@ -421,7 +437,28 @@ class _Session:
         epoch: int | None = None,
         run: tuple[str, str] | None = None,
     ) -> bool:
-        """Snapshot the raw and EMA weights and queue them for upload. False if skipped."""
+        """Snapshot the raw and EMA weights and queue them for upload. False if skipped.
+
+        A sharded model is gathered first, by every rank at once (a collective): that part
+        decides alike on every rank, from the step alone. Only rank 0 writes."""
+        step = w.ema.step if step is None else int(step)
+        gathered = None
+        if w.sharded:
+            if run is not None:  # a run ending on rank 0 alone: the other ranks cannot join a gather
+                if w.gathered_step != w.ema.step:
+                    self.warn_once(
+                        f"sharded-end-{id(w)}",
+                        "the model is sharded, so its checkpoints are gathered by every rank at once and "
+                        "cannot be taken when the run ends on rank 0: the last "
+                        f"{w.ema.step - (w.gathered_step or 0)} steps have no checkpoint (call "
+                        "mlflow_ema.log_checkpoint() on every rank before the run ends, or use "
+                        "checkpoint_every_n_epochs / checkpoint_every_n_steps)",
+                    )
+                return False
+            if w.gathered_step == step:
+                return False
+            w.gathered_step = step
+            gathered = gather_sharded(w.model, w.ema)
         if not _rank_zero():
             return False
         run = run or _active_run()
@@ -429,25 +466,30 @@ class _Session:
             self.warn_once("no-run", NO_RUN_MESSAGE)
             return False
         run_id, tracking_uri = run
-        step = w.ema.step if step is None else int(step)
         epoch = (w.epoch or None) if epoch is None else int(epoch)
         if self.ledger.has_checkpoint(run_id, step, w.prefix + "raw-"):
             return False
         training_state = None
-        if self.config.log_training_state:
+        if self.config.log_training_state and w.sharded:
+            self.warn_once(
+                "sharded-training-state",
+                "log_training_state is not supported for sharded models yet: checkpoints hold the weights only",
+            )
+        elif self.config.log_training_state:
             later = Later()
             self._later.append((w, later))
             training_state = take_snapshot(
                 {**training_state_of(w, step=step, epoch=epoch), "schedulers": later}
             )
         parts = []
-        for kind, state in (("raw", w.model.state_dict()), ("ema", w.ema.model_state_dict())):
+        states = gathered or (w.model.state_dict(), w.ema.model_state_dict())
+        for kind, state in zip(("raw", "ema"), states, strict=True):
             name = f"{w.prefix}{kind}-step{step}"
             record = self.ledger.add_checkpoint(run_id, kind, step, epoch, name, self.train_steps)
             parts.append(
                 CheckpointPart(
                     record,
-                    take_snapshot(state),
+                    Snapshot(state) if gathered else take_snapshot(state),  # gathered: CPU copies already
                     training_state=training_state if kind == "raw" else None,
                     ema_decay=w.ema.last_decay if kind == "ema" else None,
                     ema_updates=w.ema.num_updates if kind == "ema" else None,
@@ -609,6 +651,7 @@ def autolog(
     model_factory: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     max_queue: int = 2,
+    ema_ranks: str = "all",
     disable: bool = False,
     silent: bool = False,
 ) -> None:
@@ -637,6 +680,10 @@ def autolog(
         model_factory, model_kwargs: ``"module:function"`` and its keyword arguments that
             rebuild the model; recorded on the run, so averaging needs no pickle.
         max_queue: checkpoints that may wait for upload before training waits.
+        ema_ranks: under ``torch.distributed``, ``"all"`` ranks keep the EMA (the default;
+            required for sharded models, where each rank averages its own shards) or
+            ``"zero"``: only rank 0 (DDP: saves the other ranks the memory and the work).
+            Only rank 0 writes to MLflow either way.
         disable: remove autolog's hooks.
         silent: no warnings about setup (never about lost checkpoints).
     """
@@ -649,6 +696,8 @@ def autolog(
         raise ValueError("keep_top_k needs an integer >= 1 and a metric to monitor")
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if ema_ranks not in ("all", "zero"):
+        raise ValueError(f"ema_ranks must be 'all' or 'zero', got {ema_ranks!r}")
     for name, value in (
         ("checkpoint_every_n_steps", checkpoint_every_n_steps),
         ("checkpoint_every_n_epochs", checkpoint_every_n_epochs),
@@ -672,6 +721,7 @@ def autolog(
         model_factory=model_factory,
         model_kwargs=model_kwargs,
         max_queue=max_queue,
+        ema_ranks=ema_ranks,
         silent=silent,
     )
     session.uploader.max_queue = max_queue
@@ -743,9 +793,12 @@ def log_checkpoint(
 
     ``metrics`` are logged to the run at ``step`` (default: the EMA's step count) and
     linked to the checkpoints: names starting with ``ema/`` to the EMA checkpoint, the
-    others to the raw one. Safe to call on every rank: only rank 0 writes.
+    others to the raw one. Safe to call on every rank: only rank 0 writes. For a sharded
+    (FSDP2) model call it on every rank: the weights are gathered to rank 0 first.
     """
     session = _SESSION
+    if not session.watched and not _rank_zero():
+        return  # ema_ranks="zero", or a model watched on rank 0 only: nothing to do here
     targets = session.select(model)
     if metrics and _rank_zero():
         import mlflow
@@ -763,6 +816,8 @@ def swap(model: nn.Module | None = None) -> Iterator[None]:
     and metrics logged to MLflow from this thread meanwhile get the ``ema/`` prefix
     (``val_acc`` -> ``ema/val_acc``), so they link to the EMA checkpoint of their step."""
     session = _SESSION
+    if not session.watched and not _ema_here(session.config):
+        raise MlflowEmaError("this rank keeps no EMA (ema_ranks='zero'): evaluate the EMA on rank 0")
     with contextlib.ExitStack() as stack:
         for w in session.select(model):
             stack.enter_context(w.ema.swap())

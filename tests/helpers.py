@@ -65,3 +65,22 @@ def digits_loader():
 
     x, _ = load_digits(return_X_y=True)
     return torch.utils.data.DataLoader(torch.tensor(x / 16.0, dtype=torch.float32), batch_size=256)
+
+
+def make_mlp(seed: int = 0, hidden: int = 32) -> nn.Module:
+    """An MLP without BatchNorm: its training on split batches equals one process's."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
+
+
+def digits_batches(steps: int, batch: int = 64):
+    """``steps`` global batches of scikit-learn's digits, the same on every call and rank."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+    for i in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=torch.Generator().manual_seed(1000 + i))
+        yield x[idx], y[idx]

@@ -1,0 +1,109 @@
+"""DDP and FSDP2 under ``torchrun --nproc_per_node 2`` (gloo on the CPU), against a real
+sqlite MLflow store: who keeps the EMA, who writes, no hang, and a sharded EMA that equals
+the one a single process computes on the same global batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import free_port
+from helpers import digits_batches, logged_models, make_mlp
+from torch import nn
+
+from mlflow_ema import EMA, load_checkpoint
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+
+def torchrun(mode: str, out: Path, *extra: str) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(HERE / "dist_train.py"), "--mode", mode, "--out", str(out), *extra],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def checkpoints(run_id: str) -> dict[str, object]:
+    return {m.name: m for m in logged_models(run_id)}
+
+
+def fetch(model) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model.model_id}", dst_path=tmp)
+        return load_checkpoint(path).state_dict
+
+
+def reference(steps: int) -> tuple[nn.Module, EMA]:
+    """One process, whole global batches: what the two ranks together must reproduce."""
+    import dist_train
+
+    model = make_mlp(seed=0)
+    ema = EMA(model, decay=dist_train.DECAY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=dist_train.LR, momentum=0.9)
+    for x, y in digits_batches(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update()
+    return model, ema
+
+
+@pytest.mark.parametrize("ema_ranks", ["all", "zero"])
+def test_ddp_every_rank_keeps_the_ema_or_rank_zero_alone_and_only_rank_zero_writes(
+    tracking, tmp_path, ema_ranks
+):
+    ranks = torchrun("ddp", tmp_path / "out", "--ema-ranks", ema_ranks)
+    run_id = ranks[0]["run_id"]
+    assert ranks[1]["run_id"] is None
+    if ema_ranks == "all":
+        assert ranks[0]["ema_steps"] == ranks[1]["ema_steps"] == 12
+        assert ranks[0]["ema_fingerprint"] == ranks[1]["ema_fingerprint"]  # DDP replicas: the same EMA
+    else:
+        assert ranks[0]["ema_steps"] == 12
+        assert "this rank keeps no EMA" in ranks[1]["no_ema"] or "no model is watched" in ranks[1]["no_ema"]
+    # every 5 steps, and log_checkpoint() at step 12 from both ranks: written once, by rank 0
+    assert sorted(checkpoints(run_id)) == sorted(f"{k}-step{s}" for k in ("raw", "ema") for s in (5, 10, 12))
+    assert {m.status.name for m in checkpoints(run_id).values()} == {"READY"}
+    assert len(mlflow.search_runs(experiment_ids=["0"], output_format="list")) == 1
+    # the same run in one process gives the same EMA
+    _, ema = reference(12)
+    expected = ema.model_state_dict()
+    got = fetch(checkpoints(run_id)["ema-step12"])
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_keeps_the_ema_of_each_shard_and_checkpoints_the_full_model(tracking, tmp_path):
+    ranks = torchrun("fsdp", tmp_path / "out")
+    run_id = ranks[0]["run_id"]
+    found = checkpoints(run_id)
+    assert sorted(found) == sorted(f"{k}-step{s}" for k in ("raw", "ema") for s in (5, 10, 12))
+    for steps in (5, 10, 12):
+        model, ema = reference(steps)
+        got_ema, got_raw = fetch(found[f"ema-step{steps}"]), fetch(found[f"raw-step{steps}"])
+        for name, tensor in ema.model_state_dict().items():  # full shapes, gathered from both shards
+            torch.testing.assert_close(got_ema[name], tensor, rtol=1e-5, atol=1e-6)
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(got_raw[name], tensor, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got_ema["0.weight"], got_raw["0.weight"])  # the EMA is not the weights
+    # the init fingerprint, taken over the gathered parameters, is the single process's
+    _, ema = reference(0)
+    assert found["ema-step12"].tags["mlflow_ema.init_fingerprint"] == ema.init_fingerprint == ranks[1]["init"]
+    assert ranks[0]["ema_fingerprint"] == ranks[1]["ema_fingerprint"]  # both ranks see one EMA
+    # each rank averages only its own shards: no full copy of a weight on any rank
+    shards = [r["shadow_shapes"]["0.weight"] for r in ranks]
+    assert shards == [[16, 64], [16, 64]] and ranks[0]["shadow_shapes"]["4.bias"] == [5]
