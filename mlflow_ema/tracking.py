@@ -413,6 +413,8 @@ class _Session:
                 self.checkpoint(w, epoch=w.epoch)
 
     def select(self, model: nn.Module | None) -> list[_Watched]:
+        if not self.watched and not _ema_here(self.config):
+            raise MlflowEmaError("this rank keeps no EMA (ema_ranks='zero'): use it on rank 0")
         if not self.watched:
             raise MlflowEmaError(
                 "no model is watched: call mlflow_ema.autolog() and train, or mlflow_ema.watch(model, optimizer)"
@@ -816,8 +818,6 @@ def swap(model: nn.Module | None = None) -> Iterator[None]:
     and metrics logged to MLflow from this thread meanwhile get the ``ema/`` prefix
     (``val_acc`` -> ``ema/val_acc``), so they link to the EMA checkpoint of their step."""
     session = _SESSION
-    if not session.watched and not _ema_here(session.config):
-        raise MlflowEmaError("this rank keeps no EMA (ema_ranks='zero'): evaluate the EMA on rank 0")
     with contextlib.ExitStack() as stack:
         for w in session.select(model):
             stack.enter_context(w.ema.swap())
