@@ -28,6 +28,7 @@ test: lint
 bench: install
 	$(BIN)/python benchmarks/ema_update.py
 	$(BIN)/python benchmarks/training_overhead.py
+	$(BIN)/python benchmarks/fsdp_ema.py
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns mlartifacts .pytest_cache .ruff_cache
