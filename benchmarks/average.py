@@ -40,13 +40,23 @@ information, a cold-cache pass: each member file's pages are evicted with
 the whole machine's cache), eviction is confirmed with ``mincore``, and the read and (1) are
 timed once each.
 
+With ``--shard-mb N`` the members are written sharded at N MiB (``max_shard_size``: the Hugging
+Face layout, e.g. 200 MiB as 4 shards of ~50 MiB and one of the 37 MiB embedding), and (1) and
+(2) write their outputs with the same limit; "one checkpoint" is then the sum of the shards.
+Last, a fresh process builds one checkpoint's state dict in place, resets its high-water mark
+(``/proc/self/clear_refs``) and writes it with ``save_checkpoint``, as one file and, with
+``--shard-mb``, sharded: the peak RSS beyond the state dict is what writing costs.
+
 Targets: peak RSS above baseline of (1) at most 1.5x one checkpoint for k = 2 and k = 8; wall
-time of (1) at most 1.5x the time to read the k files (warm cache). Sanity checks: (1) and (2)
-give the same tensors, and (1) gives byte-identical files on every run.
+time of (1) at most 1.5x the time to read the k files (warm cache); with ``--shard-mb``, writing
+a sharded checkpoint needs at most one shard of memory beyond its state dict. Sanity checks: (1)
+and (2) give the same tensors, (1) gives byte-identical files on every run, and with
+``--shard-mb`` every output is sharded.
 
 Run from the repository root (about 2 minutes; ``--quick`` for a short smoke run)::
 
     .venv/bin/python benchmarks/average.py [--size-mb 200] [--repeats 3] [--layout convnet] [--quick]
+    .venv/bin/python benchmarks/average.py --shard-mb 50     # the same with sharded checkpoints
 
 Exits with status 1 if a sanity check or a target fails (with ``--quick``, only the sanity checks).
 """
@@ -177,7 +187,8 @@ def child_generate(spec: dict) -> dict:
             else:
                 state[name] = 0.02 * torch.randn(shape, generator=g)
         path = Path(spec["dir"]) / f"member-{i}"
-        save_checkpoint(path, state, kind="ema", step=1000 * (i + 1), init_fingerprint="same")
+        save_checkpoint(path, state, kind="ema", step=1000 * (i + 1), init_fingerprint="same",
+                        max_shard_size=spec["max_shard_size"])  # fmt: skip
         paths.append(str(path))
         del state
     return {"paths": paths}
@@ -231,28 +242,29 @@ def child_measure(spec: dict) -> dict:
     mapped: dict[str, int] = {}
     start = time.perf_counter()
     if spec["variant"] == SOUP:
-        soup.verify_checkpoint = clock.wrap("verify", soup.verify_checkpoint)
+        soup.check_members = clock.wrap("verify", soup.check_members)
         # file pages still mapped when averaging ends (none: the files are read, not mapped)
-        file_baseline, close = status_kib("RssFile"), soup._SafetensorsFile.close
+        file_baseline, close = status_kib("RssFile"), ckpt.WeightsReader.close
 
         def close_and_measure(self) -> None:
             mapped.setdefault("kib", status_kib("RssFile") - file_baseline)
             close(self)
 
-        soup._SafetensorsFile.close = close_and_measure
+        ckpt.WeightsReader.close = close_and_measure
         state, manifests = soup.average([soup.Member(p, 1.0, f"member {i}") for i, p in enumerate(members)])
         averaged = time.perf_counter()
         peaks["verify"] = clock.peaks["verify"]
         peaks["average"] = status_kib("VmHWM")
         rss_after_average = status_kib("VmRSS")
-        # the save's parts; wrapped only now since verify_checkpoint calls _file_digest too
+        # the save's parts; wrapped only now since the verification calls _file_digest too
         ckpt.save_file = clock.wrap("write", ckpt.save_file)
         ckpt._file_digest = clock.wrap("sha256", ckpt._file_digest)
         ckpt._finite = clock.wrap("finite", ckpt._finite)
         ckpt._fsync = clock.wrap("fsync", ckpt._fsync)
         manifest = ckpt.save_checkpoint(
-            out, state, kind="soup", init_fingerprint=manifests[0].init_fingerprint
-        )
+            out, state, kind="soup", init_fingerprint=manifests[0].init_fingerprint,
+            max_shard_size=spec["max_shard_size"],
+        )  # fmt: skip
         end = time.perf_counter()
         verify = clock.seconds["verify"]
         seconds = {
@@ -278,8 +290,9 @@ def child_measure(spec: dict) -> dict:
         peaks["average"] = status_kib("VmHWM")
         rss_after_average = status_kib("VmRSS")
         manifest = ckpt.save_checkpoint(
-            out, state, kind="soup", init_fingerprint=loaded[0].manifest.init_fingerprint
-        )
+            out, state, kind="soup", init_fingerprint=loaded[0].manifest.init_fingerprint,
+            max_shard_size=spec["max_shard_size"],
+        )  # fmt: skip
         end = time.perf_counter()
         seconds = {
             "verify": clock.seconds["verify"],
@@ -299,7 +312,54 @@ def child_measure(spec: dict) -> dict:
         "peaks_kib": peaks,
         "rss_after_average_kib": rss_after_average,
         "mapped_kib": mapped.get("kib"),
-        "sha256": manifest.files[ckpt.WEIGHTS_FILE]["sha256"],
+        "sha256": ckpt.weights_digest(manifest),
+        "files": len(ckpt.weight_files(manifest)),
+    }
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: ``5`` to ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_write(spec: dict) -> dict:
+    """Peak RSS of ``save_checkpoint`` beyond the state dict it writes: the state is built in
+    place (no temporaries), the high-water mark reset, then the checkpoint is written."""
+    import gc
+
+    import torch
+
+    from mlflow_ema.checkpoint import save_checkpoint, weight_files
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape, init in layout(spec["size_bytes"], spec["layout"]):
+        if init in INTS:
+            state[name] = torch.zeros(shape, dtype=torch.int64)
+        else:
+            state[name] = torch.empty(shape).normal_(0, 0.02, generator=g)
+    torch.ones(1 << 16).add_(1)
+    gc.collect()
+    baseline = status_kib("VmRSS")
+    reset = reset_peak_rss()
+    start = time.perf_counter()
+    out = Path(spec["output"])
+    manifest = save_checkpoint(out, state, kind="ema", max_shard_size=spec["max_shard_size"])
+    seconds = time.perf_counter() - start
+    files = weight_files(manifest)
+    return {
+        "seconds": seconds,
+        "baseline_kib": baseline,
+        "hwm_kib": status_kib("VmHWM"),
+        "reset": reset,
+        "files": len(files),
+        "largest_file": max(manifest.files[f]["bytes"] for f in files),
+        "largest_tensor": max(t.numel() * t.element_size() for t in state.values()),
     }
 
 
@@ -329,7 +389,12 @@ def child_compare(spec: dict) -> dict:
     return {"tensors": len(a), "max_abs_diff": worst, "problems": problems[:5]}
 
 
-CHILDREN = {"generate": child_generate, "measure": child_measure, "compare": child_compare}
+CHILDREN = {
+    "generate": child_generate,
+    "measure": child_measure,
+    "write": child_write,
+    "compare": child_compare,
+}
 
 
 def run_child(kind: str, spec: dict) -> dict:
@@ -435,6 +500,8 @@ class Results:
     reads: dict[int, list[float]] = dataclasses.field(default_factory=dict)
     hashes: dict[int, list[float]] = dataclasses.field(default_factory=dict)
     kept: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)  # last output per variant
+    shard_bytes: int | None = None  # --shard-mb: members and outputs sharded at this size
+    writes: dict[str, dict] = dataclasses.field(default_factory=dict)  # write_memory(): per layout
 
 
 def fmt_s(seconds: float) -> str:
@@ -546,8 +613,10 @@ def warm_rounds(res: Results, members: list[str], tmp: Path, repeats: int) -> No
                 n += 1
                 out = tmp / f"out-{n}"
                 result = run_child(
-                    "measure", {"variant": variant, "members": members[:k], "output": str(out)}
-                )
+                    "measure",
+                    {"variant": variant, "members": members[:k], "output": str(out),
+                     "max_shard_size": res.shard_bytes},
+                )  # fmt: skip
                 res.runs.setdefault((variant, k), []).append(result)
                 if (variant, k) in res.kept:
                     shutil.rmtree(res.kept[variant, k])
@@ -577,7 +646,13 @@ def cold_pass(res: Results, members: list[str], tmp: Path) -> None:
         before = max(before, resident_fraction(files))
         cold &= before < 0.01
         out = tmp / "out-cold"
-        result = run_child("measure", {"variant": SOUP, "members": members[:k], "output": str(out)})
+        spec = {
+            "variant": SOUP,
+            "members": members[:k],
+            "output": str(out),
+            "max_shard_size": res.shard_bytes,
+        }
+        result = run_child("measure", spec)
         shutil.rmtree(out)
         s = result["seconds"]
         print(
@@ -589,8 +664,42 @@ def cold_pass(res: Results, members: list[str], tmp: Path) -> None:
         print("\n(eviction left pages in the page cache: these numbers are not cold)")
 
 
+def write_memory(res: Results, size_bytes: int, kind: str, tmp: Path) -> None:
+    """Peak RSS of writing one checkpoint beyond its state dict: as one file, and sharded."""
+    print("\n### Writing one checkpoint: peak RSS beyond the state dict (save_checkpoint, fresh process)\n")
+    print("| layout | files | largest file | largest tensor | peak RSS above the state dict | time |")
+    print("|---|---:|---:|---:|---:|---:|")
+    layouts = {"one file": None} | (
+        {f"shards of {res.shard_bytes / MIB:g} MiB": res.shard_bytes} if res.shard_bytes else {}
+    )
+    for name, limit in layouts.items():
+        out = tmp / "out-write"
+        w = run_child(
+            "write", {"size_bytes": size_bytes, "layout": kind, "output": str(out), "max_shard_size": limit}
+        )
+        shutil.rmtree(out)
+        res.writes[name] = w
+        extra = (w["hwm_kib"] - w["baseline_kib"]) * 1024
+        note = "" if w["reset"] else " (VmHWM could not be reset: includes building the state)"
+        print(
+            f"| {name} | {w['files']} | {w['largest_file'] / MIB:.1f} MiB | {w['largest_tensor'] / MIB:.1f} MiB "
+            f"| {extra / MIB:.1f} MiB{note} | {fmt_s(w['seconds'])} |"
+        )
+
+
 def checks(res: Results, summary: dict[int, dict[str, float]]) -> list[tuple[str, bool]]:
     lines = []
+    for name, w in res.writes.items():
+        if name == "one file":
+            continue
+        extra = (w["hwm_kib"] - w["baseline_kib"]) * 1024
+        lines.append(
+            (
+                f"target: writing {name}: peak RSS beyond the state dict <= one shard: "
+                f"{extra / MIB:.1f} MiB ({extra / res.shard_bytes:.2f} shards)",
+                extra <= res.shard_bytes and w["files"] > 1,
+            )
+        )
     for k in res.ks:
         cmp = run_child("compare", {"a": res.kept[SOUP, k], "b": res.kept[NAIVE, k]})
         problems = f": {'; '.join(cmp['problems'])}" if cmp["problems"] else ""
@@ -601,6 +710,9 @@ def checks(res: Results, summary: dict[int, dict[str, float]]) -> list[tuple[str
                 not cmp["problems"],
             )
         )
+        if res.shard_bytes:
+            files = {r["files"] for v in VARIANTS for r in res.runs[v, k]}
+            lines.append((f"sanity: k={k}: every output was written as {files} shards", min(files) > 1))
         digests = {r["sha256"] for r in res.runs[SOUP, k]}
         lines.append(
             (
@@ -652,6 +764,11 @@ def main() -> int:
         default="transformer",
         help="413 tensors, the largest 18%% of the checkpoint (default), or 3002 small ones",
     )
+    parser.add_argument(
+        "--shard-mb",
+        type=float,
+        help="write the members and the outputs sharded at this many MiB (e.g. 50); default: one file each",
+    )
     parser.add_argument("--tmp", help="where to write the checkpoints (default: the system temp folder)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -663,6 +780,7 @@ def main() -> int:
     size_mb = args.size_mb or (32 if args.quick else 200)
     repeats = 1 if args.quick else args.repeats
     size_bytes = int(size_mb * MIB)
+    shard_bytes = int(args.shard_mb * MIB) if args.shard_mb else None
     tmp_root = Path(args.tmp or tempfile.gettempdir())
     usage = shutil.disk_usage(tmp_root)
     need = (max(ks) + len(VARIANTS) * len(ks) + 2) * size_bytes * 1.1
@@ -679,23 +797,30 @@ def main() -> int:
     print(
         f"{args.layout} checkpoint: {describe(layout(size_bytes, args.layout))}; k = {ks}; {repeats} rounds"
     )
+    if shard_bytes:
+        print(f"members and outputs sharded at {args.shard_mb:g} MiB (max_shard_size={shard_bytes})")
 
     tmp = Path(tempfile.mkdtemp(prefix="mlflow-ema-bench-average-", dir=tmp_root))
     try:
         start = time.perf_counter()
         members = run_child(
-            "generate", {"dir": str(tmp), "k": max(ks), "size_bytes": size_bytes, "layout": args.layout}
-        )["paths"]
-        ckpt_bytes = (Path(members[0]) / "model.safetensors").stat().st_size
+            "generate",
+            {"dir": str(tmp), "k": max(ks), "size_bytes": size_bytes, "layout": args.layout,
+             "max_shard_size": shard_bytes},
+        )["paths"]  # fmt: skip
+        weights = sorted(Path(members[0]).glob("*.safetensors"))
+        ckpt_bytes = sum(f.stat().st_size for f in weights)
         print(
-            f"wrote {len(members)} checkpoints of {ckpt_bytes / MIB:.1f} MiB (model.safetensors) "
+            f"wrote {len(members)} checkpoints of {ckpt_bytes / MIB:.1f} MiB "
+            f"({', '.join(f'{f.name} {f.stat().st_size / MIB:.1f} MiB' for f in weights)}) "
             f"in {time.perf_counter() - start:.1f} s"
         )
         gbytes = {k: sum(f.stat().st_size for f in files_of(members[:k])) for k in ks}
-        res = Results(ks, ckpt_bytes, gbytes)
+        res = Results(ks, ckpt_bytes, gbytes, shard_bytes=shard_bytes)
         warm_rounds(res, members, tmp, repeats)
         summary = report(res)
         cold_pass(res, members, tmp)
+        write_memory(res, size_bytes, args.layout, tmp)
         lines = checks(res, summary)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

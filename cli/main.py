@@ -266,6 +266,14 @@ def _selection_table(candidates: list) -> str:
     "--output", type=click.Path(file_okay=False), help="Also write the soup checkpoint to this new folder."
 )
 @click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    metavar="SIZE",
+    help="Above this size the soup's weights (--output, registered artifacts) are sharded the Hugging Face "
+    "way: bytes, or e.g. 500MB, 2GiB; none: never.",
+)
+@click.option(
     "--model-factory",
     metavar="MODULE:FUNCTION",
     help="Rebuild the model with this instead of the run's record.",
@@ -275,7 +283,7 @@ def _selection_table(candidates: list) -> str:
 @json_option
 def average(experiments, run_id, filter_string, statuses, metric, mode, kind, checkpoint, top_k, min_k, strategy,
             weights, eval_fn, update_bn, dtype, accumulate, allow_different_init, register_as, alias, output,
-            model_factory, model_kwargs, dry_run, as_json):  # fmt: skip
+            max_shard_size, model_factory, model_kwargs, dry_run, as_json):  # fmt: skip
     """Average the best checkpoints of a sweep (or of one run) and register the soup.
 
     Ranks runs by their best (or last) checkpoint's METRIC, takes the top k, checks that
@@ -294,6 +302,7 @@ def average(experiments, run_id, filter_string, statuses, metric, mode, kind, ch
         strategy=strategy, weights=weights, eval_fn=eval_fn, update_bn=update_bn, dtype=dtype,
         accumulate=accumulate, allow_different_init=allow_different_init, register_as=register_as, alias=alias,
         output=output, model_factory=model_factory,
+        max_shard_size=None if str(max_shard_size).lower() == "none" else str(max_shard_size),
         model_kwargs=json.loads(model_kwargs) if model_kwargs else None,
     )  # fmt: skip
     selection = workflow.plan(options)

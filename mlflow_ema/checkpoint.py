@@ -8,6 +8,14 @@
         training_state.pt   optional: optimizer, scheduler, EMA and RNG state for resuming,
                             written with torch.save and read only with weights_only=True
 
+Weights larger than ``max_shard_size`` (default 5GB, as Hugging Face) are sharded the
+Hugging Face way instead of ``model.safetensors``: ``model-00001-of-0000N.safetensors``...
+plus ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map":
+{tensor: file}}``), so HF tooling reads the folder. A tensor is never split; one larger than
+the limit gets a shard of its own. Every file, shards and index included, is in the
+manifest's ``files`` with its sha256. Format 2 introduced sharding; format 1 checkpoints
+(always ``model.safetensors``) are read as before.
+
 A checkpoint is written into a temporary folder beside its destination and
 renamed into place when complete, so a crash never leaves a half-written one.
 Loading checks each file's size and sha256 against the manifest first.
@@ -20,13 +28,17 @@ to the stored one and loading restores them as one shared tensor.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,12 +51,25 @@ from mlflow_ema._version import __version__
 from mlflow_ema.errors import CheckpointError, ChecksumMismatchError
 
 FORMAT = "mlflow-ema-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights may be sharded (format 1: always model.safetensors)
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # sharded weights: the Hugging Face index
+SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
 MANIFEST_FILE = "manifest.json"
 TRAINING_STATE_FILE = "training_state.pt"
 KINDS = ("raw", "ema", "soup")
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # the Hugging Face default (5 * 10**9 bytes)
+_SIZE_UNITS = {
+    "B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}  # fmt: skip
 _CHUNK = 1 << 20
+_FINITE_CHUNK = 1 << 22  # elements checked for NaN/inf at a time
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +96,10 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
+    @property
+    def sharded(self) -> bool:
+        return INDEX_FILE in self.files
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "manifest") -> Manifest:
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
@@ -91,12 +120,66 @@ class Manifest:
         for name in manifest.files:
             if Path(name).name != name or name in ("", ".", ".."):
                 raise CheckpointError(f"{source} names a file outside the checkpoint: {name!r}")
+        if manifest.sharded:
+            if WEIGHTS_FILE in manifest.files:
+                raise CheckpointError(
+                    f"{source} lists both {WEIGHTS_FILE} and sharded weights ({INDEX_FILE})"
+                )
+            if version < 2:
+                raise CheckpointError(
+                    f"{source} is checkpoint format {version}, which has no sharded weights"
+                )
+            if not weight_files(manifest):
+                raise CheckpointError(f"{source} lists {INDEX_FILE} but no shard")
+        elif WEIGHTS_FILE not in manifest.files:
+            raise CheckpointError(f"{source} lists no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
         return manifest
 
 
 class Checkpoint(NamedTuple):
     state_dict: dict[str, torch.Tensor]
     manifest: Manifest
+
+
+def weight_files(manifest: Manifest) -> list[str]:
+    """The files that hold the tensors: ``model.safetensors``, or the shards in order."""
+    if not manifest.sharded:
+        return [WEIGHTS_FILE]
+    return sorted(name for name in manifest.files if name.endswith(".safetensors"))
+
+
+def weights_digest(manifest: Manifest) -> str:
+    """One sha256 that identifies a checkpoint's weights, from its manifest alone.
+
+    ``model.safetensors``: that file's sha256 (as in format 1). Sharded weights: the sha256
+    of the shards' ``sha256sum`` listing (``"<sha256>  <file>\\n"`` per shard, in file order),
+    which ``sha256sum model-*-of-*.safetensors | sha256sum`` reproduces in the folder. The
+    index is left out: the shards' headers name their tensors.
+    """
+    if not manifest.sharded:
+        return manifest.files[WEIGHTS_FILE]["sha256"]
+    listing = "".join(f"{manifest.files[name]['sha256']}  {name}\n" for name in weight_files(manifest))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """``max_shard_size`` in bytes: an int, or a string such as ``"5GB"`` (10**9, as Hugging
+    Face), ``"500MB"`` or ``"2GiB"`` (2**30). None (never shard) stays None."""
+    if size is None:
+        return None
+    value = None
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        if match and (match.group(2) or "B") in _SIZE_UNITS:
+            value = int(decimal.Decimal(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"])
+    if value is None or value < 1:
+        raise ValueError(
+            f"max_shard_size must be a positive number of bytes or a size such as '5GB', '500MB' or '2GiB' "
+            f"(units {', '.join(_SIZE_UNITS)}), got {size!r}"
+        )
+    return value
 
 
 def init_fingerprint(state_dict: Mapping[str, Any]) -> str:
@@ -129,36 +212,59 @@ def save_checkpoint(
     init_fingerprint: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     training_state: Mapping[str, Any] | None = None,
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
 ) -> Manifest:
     """Write ``state_dict`` as a checkpoint folder at ``path``, which must not exist yet.
 
-    Tensors on other devices are copied to the CPU. ``training_state`` (optimizer,
-    scheduler, EMA state...: tensors and plain Python values) goes to
-    ``training_state.pt``. Returns the manifest written.
+    Tensors on other devices are copied to the CPU one shard at a time. ``training_state``
+    (optimizer, scheduler, EMA state...: tensors and plain Python values) goes to
+    ``training_state.pt``. When the tensors take more than ``max_shard_size`` bytes (an int,
+    or ``"5GB"``, ``"500MB"``, ``"2GiB"``...; None: never), they are sharded (see the module
+    docstring): tensors go to shards in the natural order of their names (``blocks.2``
+    before ``blocks.10``), a new shard starting when the next tensor would overflow this one,
+    so the files depend only on the tensors, not on the dict's order. Beyond the state dict,
+    writing needs memory for about one shard (CPU copies, tensors that share a larger
+    storage). Returns the manifest written.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    limit = parse_size(max_shard_size)
     path = Path(path)
     if path.exists():
         raise CheckpointError(f"{path} already exists: checkpoints are never overwritten")
     tensors, aliases = _unshare(state_dict)
+    shards = _plan_shards(tensors, limit)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        # one metadata key: safetensors writes them in hash order, which would make the file differ from run to run
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        files = [WEIGHTS_FILE]
+        files: dict[str, dict[str, Any]] = {}
+        weight_map: dict[str, str] = {}
+        all_finite = True
+        for i, names in enumerate(shards, 1):
+            name = WEIGHTS_FILE if len(shards) == 1 else SHARD_FILE.format(i, len(shards))
+            shard = {n: _host(tensors[n]) for n in names}  # one shard on the CPU at a time
+            # one metadata key: safetensors writes them in hash order, and files would differ run to run
+            save_file(shard, staging / name, metadata={"format": "pt"})
+            all_finite = all_finite and all(_finite(t) for t in shard.values())
+            del shard
+            files[name] = _file_digest(staging / name)
+            weight_map.update(dict.fromkeys(names, name))
+        if len(shards) > 1:
+            total = sum(_nbytes(t) for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            files[INDEX_FILE] = _file_digest(staging / INDEX_FILE)
         if training_state is not None:
             torch.save(dict(training_state), staging / TRAINING_STATE_FILE)
-            files.append(TRAINING_STATE_FILE)
+            files[TRAINING_STATE_FILE] = _file_digest(staging / TRAINING_STATE_FILE)
         dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         manifest = Manifest(
             kind=kind,
-            files={name: _file_digest(staging / name) for name in files},
+            files=files,
             num_tensors=len(tensors),
             num_parameters=sum(t.numel() for t in tensors.values()),
             dtypes=dict(sorted(dtypes.items())),
-            all_finite=all(_finite(t) for t in tensors.values()),
+            all_finite=all_finite,
             step=step,
             epoch=epoch,
             ema_decay=ema_decay,
@@ -195,41 +301,34 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> Manifest:
-    """Check every file's size and sha256 against the manifest; returns the manifest."""
+    """Check every file's size and sha256 against the manifest (in parallel threads), and that
+    the weights' headers (and a sharded checkpoint's index) agree; returns the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name, expected in manifest.files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(
-                f"{file} has {size} bytes, the manifest records {expected['bytes']}: truncated or replaced"
-            )
-        actual = _file_digest(file)["sha256"]
-        if actual != expected["sha256"]:
-            raise ChecksumMismatchError(
-                f"{file} sha256 {actual[:12]}... does not match the manifest's "
-                f"{expected['sha256'][:12]}...: the file is corrupt or was modified"
-            )
+    in_order(lambda item: check_file(path / item[0], item[1]), list(manifest.files.items()))
+    WeightsReader(path, manifest).close()
     return manifest
 
 
 def load_checkpoint(
     path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True
 ) -> Checkpoint:
-    """Load a checkpoint's state dict (tied weights restored as shared tensors) and manifest.
-
-    With ``verify`` (the default) the files' sizes and sha256 are checked first.
-    """
+    """Load a checkpoint's state dict (tied weights restored as shared tensors) and manifest,
+    from ``model.safetensors`` or the shards. With ``verify`` (the default) the files' sizes
+    and sha256 are checked first."""
     path = Path(path)
     manifest = verify_checkpoint(path) if verify else read_manifest(path)
-    file = path / WEIGHTS_FILE
-    try:
-        tensors = load_file(file, device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+    if manifest.sharded and not verify:
+        WeightsReader(path, manifest).close()  # the index and the shards agree
+    tensors: dict[str, torch.Tensor] = {}
+    for name in weight_files(manifest):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        try:
+            tensors.update(load_file(file, device=str(device)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
     for alias, target in manifest.aliases.items():
         if target not in tensors:
             raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
@@ -249,9 +348,210 @@ def load_training_state(path: str | os.PathLike, *, verify: bool = True) -> dict
         raise CheckpointError(f"{path / TRAINING_STATE_FILE} cannot be read safely: {e}") from None
 
 
+def check_file(file: Path, expected: Mapping[str, Any]) -> None:
+    """``file`` exists and has the size and sha256 the manifest records."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(
+            f"{file} has {size} bytes, the manifest records {expected['bytes']}: truncated or replaced"
+        )
+    actual = _file_digest(file)["sha256"]
+    if actual != expected["sha256"]:
+        raise ChecksumMismatchError(
+            f"{file} sha256 {actual[:12]}... does not match the manifest's "
+            f"{expected['sha256'][:12]}...: the file is corrupt or was modified"
+        )
+
+
+def in_order(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
+    """``fn`` on every item in parallel threads (sha256 is the slow part, ~1.2 GB/s a core, and
+    hashlib releases the GIL); the first item's error in order is raised, the rest cancelled."""
+    items = list(items)
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1)))
+    try:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _SafetensorsFile:
+    """One safetensors file: its header, parsed once, and positional reads into a buffer the
+    caller owns. (Memory-mapping was measured to keep touched file pages resident, up to 3x a
+    checkpoint with 8 members of small tensors, even after madvise.) The file is opened on
+    the first read and stays open until :meth:`close`."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._fd: int | None = None
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        try:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                header = json.loads(os.pread(fd, size, 8))
+            finally:
+                os.close(fd)
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, ValueError, struct.error) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + size
+        self.entries = header  # name -> {"dtype", "shape", "data_offsets"}
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        entry = self.entries[name]
+        return entry["dtype"], tuple(entry["shape"])
+
+    def read(
+        self, name: str, first: int, count: int | None, out: torch.Tensor | None, label: str
+    ) -> torch.Tensor:
+        entry = self.entries[name]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(
+                f"{label}: {name!r} has dtype {entry['dtype']}, which mlflow-ema cannot read"
+            )
+        size = torch.empty((), dtype=dtype).element_size()
+        start, end = entry["data_offsets"]
+        whole = count is None
+        count = (end - start) // size - first if whole else count
+        out = torch.empty(count, dtype=dtype) if out is None else out
+        view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.file, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{label}: cannot open {self.file.name} ({e})") from None
+        done, offset = 0, self._base + start + first * size
+        while done < count * size:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(
+                    f"{label}: {name!r} ends early in {self.file.name}: the file is truncated"
+                )
+            done += n
+        return out.view(entry["shape"]) if whole else out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class WeightsReader:
+    """The tensors of a checkpoint in either layout, read tensor by tensor (or in slices)
+    with positional reads, whichever file holds them. Opening it parses every header and
+    checks a sharded checkpoint's index against the manifest and the shards: each tensor
+    named once, every file the index names listed in the manifest, and each shard holding
+    exactly the tensors the index maps to it. At most one file is open at a time."""
+
+    def __init__(self, path: str | os.PathLike, manifest: Manifest | None = None, *, label: str = "") -> None:
+        self.path = Path(path)
+        self.label = label or str(self.path)
+        manifest = manifest or read_manifest(self.path)
+        self.files: dict[str, _SafetensorsFile] = {}
+        self._where: dict[str, _SafetensorsFile] = {}
+        self._current: _SafetensorsFile | None = None
+        weight_map = _read_index(self.path, manifest) if manifest.sharded else None
+        for name in weight_files(manifest):
+            f = self.files[name] = _SafetensorsFile(self.path / name)
+            if weight_map is not None:
+                _check_shard(f, weight_map)
+            self._where.update(dict.fromkeys(f.entries, f))
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """The safetensors dtype (``"F32"``...) and the shape of tensor ``name``."""
+        return self._where[name].spec(name)
+
+    def read(
+        self, name: str, first: int = 0, count: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``first`` to ``first + count`` of the flattened tensor (all of it, in its
+        shape, by default), read into ``out`` when given."""
+        f = self._where[name]
+        if f is not self._current:
+            if self._current is not None:
+                self._current.close()
+            self._current = f
+        return f.read(name, first, count, out, self.label)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self._current = None
+
+    def __enter__(self) -> WeightsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+def _read_index(path: Path, manifest: Manifest) -> dict[str, str]:
+    """The weight map of a sharded checkpoint's index, checked against the manifest."""
+    file = path / INDEX_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        index = json.loads(file.read_text(), object_pairs_hook=_unique_keys)
+    except _Duplicate as e:
+        raise CheckpointError(f"{file} names {e.args[0]!r} twice") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{file} has no weight_map of tensor names to files")
+    shards = weight_files(manifest)
+    for tensor, shard in weight_map.items():
+        if shard not in shards:
+            raise CheckpointError(f"{file} maps {tensor!r} to {shard!r}, a file the manifest does not list")
+    unused = sorted(set(shards) - set(weight_map.values()))
+    if unused:
+        raise CheckpointError(f"{file} maps no tensor to {unused[0]}, which the manifest lists")
+    return weight_map
+
+
+def _check_shard(f: _SafetensorsFile, weight_map: Mapping[str, str]) -> None:
+    name = f.file.name
+    for tensor in sorted(f.entries):
+        if weight_map.get(tensor) != name:
+            where = weight_map.get(tensor)
+            mapped = f"maps it to {where}" if where else "does not name it"
+            raise CheckpointError(f"{f.file} holds {tensor!r}, but {INDEX_FILE} {mapped}")
+    for tensor, shard in sorted(weight_map.items()):
+        if shard == name and tensor not in f.entries:
+            raise CheckpointError(f"{f.file} lacks {tensor!r}, which {INDEX_FILE} maps to it")
+
+
 def _unshare(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Contiguous CPU tensors that share no memory (as safetensors requires), and the
-    aliases of tied ones."""
+    """The tensors to store (detached, on their devices) and the aliases of tied ones, which
+    safetensors refuses to store twice."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -272,18 +572,56 @@ def _unshare(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
                 aliases[name] = seen[view]
                 continue
             seen[view] = name
-        tensor = tensor.cpu().contiguous()
-        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-            tensor = tensor.clone()  # a view into a larger storage, e.g. one slice of a fused weight
         tensors[name] = tensor
     return tensors, aliases
 
 
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor that owns its storage (safetensors refuses shared memory)."""
+    tensor = tensor.cpu().contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()  # a view into a larger storage, e.g. one slice of a fused weight
+    return tensor
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _natural(name: str) -> tuple[list, str]:
+    """Sort key: digit runs compare as numbers (``blocks.2`` before ``blocks.10``)."""
+    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name))], name
+
+
+def _plan_shards(tensors: Mapping[str, torch.Tensor], limit: int | None) -> list[list[str]]:
+    """Tensor names per shard: in natural order, a new shard when the next tensor would take
+    this one over ``limit`` bytes (so a tensor larger than the limit is alone). One shard
+    (``model.safetensors``) when the tensors fit, or ``limit`` is None."""
+    names = sorted(tensors, key=_natural)
+    if limit is None or sum(_nbytes(tensors[n]) for n in names) <= limit:
+        return [names]
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name in names:
+        size = _nbytes(tensors[name])
+        if current and used + size > limit:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    shards.append(current)
+    return shards
+
+
 def _finite(tensor: torch.Tensor) -> bool:
     """No NaN or inf, checked with numpy: save_checkpoint runs on the upload thread, where a
-    torch op would start a second OpenMP team and slow every later training step."""
+    torch op would start a second OpenMP team and slow every later training step. Checked
+    4M elements at a time, so the temporary stays small whatever the tensor's size."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
+    if tensor.numel() > _FINITE_CHUNK and tensor.is_contiguous():
+        return all(_finite(chunk) for chunk in tensor.reshape(-1).split(_FINITE_CHUNK))
     if tensor.dtype in (torch.float16, torch.float32, torch.float64):
         return bool(np.isfinite(tensor.numpy()).all())
     if tensor.dtype == torch.bfloat16:  # exponent bits all ones: inf or NaN

@@ -3,12 +3,14 @@ moving aliases (MLflow's way since registry stages were deprecated).
 
 :func:`register_soup` records the averaging as an MLflow run: params (the selection,
 strategy and weights), metrics (each member's value and, when evaluated, the soup's),
-artifacts (``soup/`` with the averaged ``model.safetensors`` and ``manifest.json``, and
-``soup.png``, the members against the soup), and a pytorch-flavor model built from the
-architecture the members' run recorded. Only then is the model registered, with the
-version tags ``mlflow_ema.sources`` (JSON: per member ``run_id``, ``model_id``, ``step``,
-``value``, ``weight``, ``sha256``), ``mlflow_ema.strategy`` and ``mlflow_ema.sha256``
-(of the averaged weights); a failure before that registers nothing.
+artifacts (``soup/``: the averaged checkpoint, ``model.safetensors`` or shards above
+``max_shard_size``, and ``manifest.json``; ``soup.png``, the members against the soup), and a
+pytorch-flavor model built from the architecture the members' run recorded. Only then is the
+model registered, with the version tags ``mlflow_ema.sources`` (JSON: per member ``run_id``,
+``model_id``, ``step``, ``value``, ``weight``, ``sha256``), ``mlflow_ema.strategy`` and
+``mlflow_ema.sha256`` (of the averaged weights); every sha256 is
+:func:`~mlflow_ema.checkpoint.weights_digest`, the file's for ``model.safetensors``, one over
+the shards' for sharded weights. A failure before that registers nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from mlflow_ema._version import __version__
 from mlflow_ema.architecture import build_model
-from mlflow_ema.checkpoint import WEIGHTS_FILE, Manifest, save_checkpoint
+from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, Manifest, save_checkpoint, weights_digest
 from mlflow_ema.errors import IncompatibleModelError, MlflowEmaError
 from mlflow_ema.selection import Candidate
 
@@ -76,6 +78,7 @@ def register_soup(
     soup_value: float | None = None,
     model_factory: str | None = None,
     model_kwargs: dict | None = None,
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
 ) -> RegisteredSoup:
     """Log the soup as a run and register it as a new version of ``name``. See the module
     docstring; ``members`` are (candidate, normalized weight, manifest), best first."""
@@ -97,7 +100,7 @@ def register_soup(
     fingerprints = {m.init_fingerprint for _, _, m in members}
     sources = [
         {"run_id": c.run_id, "model_id": c.model_id, "step": c.step, "value": c.value, "weight": w,
-         "sha256": m.files[WEIGHTS_FILE]["sha256"]}
+         "sha256": weights_digest(m)}
         for c, w, m in members
     ]  # fmt: skip
     with (
@@ -118,6 +121,7 @@ def register_soup(
             kind="soup",
             init_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,
             metadata={"strategy": strategy, "sources": sources},
+            max_shard_size=max_shard_size,
         )
         mlflow.log_artifacts(str(Path(tmp) / "soup"), artifact_path="soup")
         chart = _chart(members, metric, soup_value, Path(tmp) / "soup.png")
@@ -128,7 +132,7 @@ def register_soup(
             serialization_format="pickle",  # loads back as the user's module, not a GraphModule
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
-        sha256 = manifest.files[WEIGHTS_FILE]["sha256"]
+        sha256 = weights_digest(manifest)
         tags = {TAG_SOURCES: json.dumps(sources), TAG_STRATEGY: strategy, TAG_SHA256: sha256,
                 "mlflow_ema.version": __version__}  # fmt: skip
         version = mlflow.register_model(info.model_uri, name, tags=tags)

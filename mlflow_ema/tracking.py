@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from mlflow_ema.architecture import RUN_TAG_MODEL_CLASS, RUN_TAG_MODEL_FACTORY, RUN_TAG_MODEL_KWARGS
+from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, parse_size
 from mlflow_ema.ema import EMA, is_sharded, unwrap_model
 from mlflow_ema.errors import CheckpointError, IncompatibleModelError, MlflowEmaError
 from mlflow_ema.ledger import EMA_PREFIX, Ledger
@@ -86,6 +87,7 @@ class AutologConfig:
     model_kwargs: dict[str, Any] | None = None
     max_queue: int = 2
     ema_ranks: str = "all"  # or "zero": under DDP only rank 0 keeps the EMA
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE
     silent: bool = False
 
 
@@ -653,6 +655,7 @@ def autolog(
     model_factory: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     max_queue: int = 2,
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
     ema_ranks: str = "all",
     disable: bool = False,
     silent: bool = False,
@@ -682,6 +685,8 @@ def autolog(
         model_factory, model_kwargs: ``"module:function"`` and its keyword arguments that
             rebuild the model; recorded on the run, so averaging needs no pickle.
         max_queue: checkpoints that may wait for upload before training waits.
+        max_shard_size: weights above this size (bytes, or e.g. ``"5GB"``; ``None``: never)
+            are written as safetensors shards with a Hugging Face index.
         ema_ranks: under ``torch.distributed``, ``"all"`` ranks keep the EMA (the default;
             required for sharded models, where each rank averages its own shards) or
             ``"zero"``: only rank 0 (DDP: saves the other ranks the memory and the work).
@@ -723,10 +728,12 @@ def autolog(
         model_factory=model_factory,
         model_kwargs=model_kwargs,
         max_queue=max_queue,
+        max_shard_size=parse_size(max_shard_size),
         ema_ranks=ema_ranks,
         silent=silent,
     )
     session.uploader.max_queue = max_queue
+    session.uploader.max_shard_size = session.config.max_shard_size
     session.install_common()
     session.install_autolog()
     session.autolog_on = True

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlflow_ema.checkpoint import WEIGHTS_FILE, save_checkpoint
+from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, TRAINING_STATE_FILE, save_checkpoint, weights_digest
 from mlflow_ema.ledger import CheckpointRecord, Ledger
 from mlflow_ema.snapshot import Snapshot
 
@@ -97,6 +97,7 @@ class Uploader:
         self.ledger = ledger
         self.retry = retry or RetryPolicy()
         self.max_queue = max_queue
+        self.max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE
         self.unsent_dir: Path | None = None  # default: ./mlflow-ema-unsent when a failure happens
         self._jobs: collections.deque[UploadJob] = collections.deque()
         self._to_sync: dict[str, UploadJob] = {}  # run_id -> policy, for links and pruning
@@ -216,6 +217,7 @@ class Uploader:
                     ema_updates=part.ema_updates,
                     init_fingerprint=part.init_fingerprint,
                     training_state=part.training_state.wait() if part.training_state else None,
+                    max_shard_size=self.max_shard_size,
                 )
                 part.state = part.training_state = None  # free the snapshot's memory early
                 try:
@@ -233,9 +235,9 @@ class Uploader:
             TAG_KIND: record.kind,
             TAG_STEP: str(record.step),
             TAG_ALL_FINITE: str(manifest.all_finite).lower(),
-            TAG_SHA256: manifest.files[WEIGHTS_FILE]["sha256"],
+            TAG_SHA256: weights_digest(manifest),
             TAG_FORMAT_VERSION: str(manifest.format_version),
-            TAG_TRAINING_STATE: str(len(manifest.files) > 1).lower(),
+            TAG_TRAINING_STATE: str(TRAINING_STATE_FILE in manifest.files).lower(),
         }
         if record.epoch is not None:
             tags[TAG_EPOCH] = str(record.epoch)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mlflow_ema.architecture import build_model, resolve_callable
-from mlflow_ema.checkpoint import read_manifest, save_checkpoint
+from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, parse_size, read_manifest, save_checkpoint
 from mlflow_ema.errors import MlflowEmaError
 from mlflow_ema.registry import RegisteredSoup, check_model_name, register_soup
 from mlflow_ema.selection import Candidate, Selection, select
@@ -54,6 +54,7 @@ class AverageOptions:
     register_as: str | None = None
     alias: str | None = None
     output: str | None = None
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE  # the soup's files (None: one file)
     model_factory: str | None = None
     model_kwargs: dict | None = None
 
@@ -84,6 +85,10 @@ def plan(options: AverageOptions) -> Selection:
         raise MlflowEmaError(f"--accumulate must be float32 or float64, got {options.accumulate!r}")
     if options.alias and not options.register_as:
         raise MlflowEmaError("--alias needs --register-as")
+    try:
+        parse_size(options.max_shard_size)
+    except ValueError as e:
+        raise MlflowEmaError(str(e).replace("max_shard_size", "--max-shard-size", 1)) from None
     return select(
         experiments=options.experiments, metric=options.metric, mode=options.mode, kind=options.kind,
         checkpoint=options.checkpoint, top_k=options.top_k, min_k=options.min_k,
@@ -155,7 +160,8 @@ def average_runs(
         result.members = [(by_path[m.path], w) for m, w in zip(used, final_weights, strict=True)]
         if options.output:
             save_checkpoint(Path(options.output), state, kind="soup", init_fingerprint=manifests[0].init_fingerprint,
-                            metadata={"strategy": options.strategy, "members": [c.model_id for c, _ in result.members]})  # fmt: skip
+                            metadata={"strategy": options.strategy, "members": [c.model_id for c, _ in result.members]},
+                            max_shard_size=options.max_shard_size)  # fmt: skip
             result.output = options.output
         if options.register_as:
             experiment_id = mlflow.MlflowClient().get_run(candidates[0].run_id).info.experiment_id
@@ -165,7 +171,7 @@ def average_runs(
                 name=options.register_as, alias=options.alias, experiment_id=experiment_id,
                 strategy=options.strategy, metric=options.metric, soup_value=result.soup_value,
                 model_factory=options.model_factory, model_kwargs=options.model_kwargs,
-                params=_params(options, result),
+                params=_params(options, result), max_shard_size=options.max_shard_size,
             )  # fmt: skip
     return result
 
@@ -224,4 +230,5 @@ def _params(options: AverageOptions, result: AverageResult) -> dict[str, Any]:
         "top_k": options.top_k, "weights": [round(w, 6) for _, w in result.members],
         "eval": options.eval_fn or "", "update_bn": options.update_bn or "",
         "dtype": options.dtype or "input", "accumulate": options.accumulate,
+        "max_shard_size": "none" if options.max_shard_size is None else options.max_shard_size,
     }  # fmt: skip

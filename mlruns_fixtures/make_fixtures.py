@@ -29,7 +29,9 @@ runs (name: what it is for):
 - ``good-a``, ``good-b``, ``good-c``: FINISHED, same initial weights, three checkpoints
   each (other-init too, the other runs two); at least one has its best EMA checkpoint
   before its last, so ``--checkpoint best`` and ``last`` (and ``--run``) differ.
-  Averaging them works.
+  Averaging them works. From format 2 on, ``good-a``'s checkpoints are sharded (a 2 KB
+  ``max_shard_size``: four shards, one holding a single tensor larger than the limit, and
+  ``model.safetensors.index.json``), so averaging mixes layouts: the script gives that run ``autolog(max_shard_size=2048)``.
 - ``other-init``: FINISHED, another initialization (another
   ``mlflow_ema.init_fingerprint``) and the best ``ema/val_acc`` of all, so it ranks
   first and averaging must refuse it unless ``--allow-different-init``.
@@ -51,7 +53,8 @@ no-metric, deleted) for ``--filter "tags.fixture_role = 'good'"``.
 format version, the mlflow, mlflow-ema and torch versions, the alembic schema
 revision of ``mlflow.db``, and per run its role, run id, status and checkpoints
 (model id, step, the metric values the script logged for it, the sha256 of its stored
-``model.safetensors``).
+weights: ``weights_digest``, the sha256 of ``model.safetensors``, or for sharded weights
+(format 2: ``"sharded": true``) the sha256 of the shards' ``sha256sum`` listing).
 
 Artifact locations. A sqlite store records absolute artifact paths
 (``experiments.artifact_location``, ``runs.artifact_uri``,
@@ -123,10 +126,11 @@ class Spec:
     fail: bool = False  # raise inside the run: FAILED
     delete: bool = False  # mlflow.delete_run afterwards
     corrupt: bool = False  # flip bytes of the best EMA checkpoint after upload
+    max_shard_size: int | None = None  # autolog(max_shard_size=...) for this run
 
 
 RUNS = [  # seeds, learning rates and lengths chosen so that the properties _check_design tests hold
-    Spec("good-a", "good", lr=0.2, data_seed=4, epochs=3),  # best EMA checkpoint: epoch 2 of 3
+    Spec("good-a", "good", lr=0.2, data_seed=4, epochs=3, max_shard_size=2048),  # best EMA: epoch 2 of 3
     Spec("good-b", "good", lr=0.1, data_seed=1, epochs=3),
     Spec("good-c", "good", lr=0.3, data_seed=1, epochs=3),
     Spec("other-init", "other-init", lr=0.2, data_seed=3, init_seed=1, epochs=3),  # the best of all
@@ -273,12 +277,6 @@ def _record_sweep(staging: Path) -> dict:
         os.environ.pop(key, None)
     mlflow.set_tracking_uri(f"sqlite:///{staging / 'mlflow.db'}")
     experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
-    mlflow_ema.autolog(
-        decay=mlflow_ema.WarmupDecay(decay=DECAY, power=3 / 4),
-        checkpoint_every_n_epochs=1,
-        model_factory=FACTORY,
-        model_kwargs=MODEL_KWARGS,
-    )
     x_train, y_train, x_val, y_val = _digits()
 
     @torch.no_grad()
@@ -291,6 +289,13 @@ def _record_sweep(staging: Path) -> dict:
     client = MlflowClient()
     runs = {}
     for spec in RUNS:
+        mlflow_ema.autolog(
+            decay=mlflow_ema.WarmupDecay(decay=DECAY, power=3 / 4),
+            checkpoint_every_n_epochs=1,
+            model_factory=FACTORY,
+            model_kwargs=MODEL_KWARGS,
+            max_shard_size=spec.max_shard_size or "5GB",  # good-a: sharded checkpoints
+        )
         torch.manual_seed(spec.init_seed)
         model = build_model(**MODEL_KWARGS)
         optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
@@ -389,8 +394,9 @@ def _describe_run(client, experiment_id: str, spec: Spec, run_id: str, logged: d
                 "epoch": epoch,
                 "metrics": expected,
                 "artifact_location": model.artifact_location,  # made relative in _seal
-                "sha256": model.tags["mlflow_ema.sha256"],  # of model.safetensors as uploaded
+                "sha256": model.tags["mlflow_ema.sha256"],  # weights_digest as uploaded
                 "corrupt": False,
+                "sharded": (Path(model.artifact_location) / "model.safetensors.index.json").exists(),
             }
         )
     if len(checkpoints) != 2 * spec.epochs:
@@ -413,6 +419,15 @@ def best_checkpoint(run: dict, metric: str = "ema/val_acc") -> dict | None:
     """The checkpoint with the highest ``metric`` (the latest among equals, as ``ls`` picks it)."""
     scored = [c for c in run["checkpoints"] if metric in c["metrics"]]
     return max(scored, key=lambda c: (c["metrics"][metric], c["step"])) if scored else None
+
+
+def weights_sha256(folder: Path) -> str:
+    """What ``weights_digest`` records, from the stored files: the sha256 of
+    ``model.safetensors``, or of the shards' ``sha256sum`` listing (sorted by name)."""
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if not shards:
+        return sha256(folder / "model.safetensors")
+    return hashlib.sha256("".join(f"{sha256(f)}  {f.name}\n" for f in shards).encode()).hexdigest()
 
 
 def _corrupt_best(run: dict, staging: Path) -> None:
@@ -456,6 +471,11 @@ def _check_design(runs: dict) -> None:
         or fingerprints["other-init"] == fingerprints["good-a"]
     ):
         problems.append(f"init fingerprints are not as designed: {fingerprints}")
+    sharded = [c for spec in RUNS if spec.max_shard_size for c in runs[spec.name]["checkpoints"]]
+    if not sharded or not all(c["sharded"] for c in sharded):
+        problems.append("no run has sharded checkpoints")
+    if not any(best[n]["sharded"] for n in ranked if runs[n]["role"] == "good"):
+        problems.append("no good run's best EMA checkpoint is sharded: averaging does not mix layouts")
     if runs["failed"]["status"] != "FAILED" or any(
         r["status"] != "FINISHED" for n, r in runs.items() if n != "failed"
     ):
@@ -485,10 +505,11 @@ def _seal(staging: Path, info: dict) -> None:
         for c in run["checkpoints"]:
             location = Path(c["artifact_location"])
             c["artifact_location"] = location.relative_to(staging).as_posix()
-            file = location / "model.safetensors"
-            c["stored_sha256"] = sha256(file)
+            c["stored_sha256"] = weights_sha256(location)
             if (c["stored_sha256"] == c["sha256"]) == c["corrupt"]:
-                raise FixtureError(f"{file}: stored sha256 vs uploaded does not match corrupt={c['corrupt']}")
+                raise FixtureError(f"{location}: stored vs uploaded sha256 disagrees with corrupt={c['corrupt']}")
+            if (location / "model.safetensors.index.json").exists() != c["sharded"]:
+                raise FixtureError(f"{location}: sharded={c['sharded']} is not what is stored")
     for leftover in ("mlflow-ema-unsent", ".trash"):
         shutil.rmtree(staging / leftover, ignore_errors=True)
     for folder, _dirs, files in os.walk(staging):  # the temporary folders were private (0700)

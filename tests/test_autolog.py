@@ -359,3 +359,31 @@ def test_resume_refuses_a_run_without_training_state(tracking, digits):
     mlflow_ema.autolog(disable=True)
     with pytest.raises(mlflow_ema.CheckpointError, match="no complete checkpoint with training state"):
         mlflow_ema.resume(make_net(), torch.optim.SGD(model.parameters(), lr=0.1), run_id=run.info.run_id)
+
+
+def test_large_weights_are_logged_as_safetensors_shards_with_an_index(tracking, digits, tmp_path):
+    import hashlib
+
+    from mlflow_ema.checkpoint import INDEX_FILE
+
+    mlflow_ema.autolog(max_shard_size=4096)  # bytes: the 32-wide net's weights take ~10 KB
+    model = make_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with mlflow.start_run() as run:
+        train_steps(model, opt, digits, 3)
+    (ema, raw) = logged_models(run.info.run_id)
+    for logged in (ema, raw):
+        folder = download(logged, tmp_path / logged.name)
+        shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+        assert (
+            len(shards) >= 2
+            and (folder / INDEX_FILE).is_file()
+            and not (folder / "model.safetensors").exists()
+        )
+        # the sha256 tag reproduces as `sha256sum model-*.safetensors | sha256sum`
+        listing = "".join(f"{hashlib.sha256((folder / s).read_bytes()).hexdigest()}  {s}\n" for s in shards)
+        assert logged.tags["mlflow_ema.sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+        assert logged.tags["mlflow_ema.training_state"] == "false"
+    state, _ = load_checkpoint(download(raw, tmp_path / "again"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor)

@@ -21,6 +21,7 @@ from mlflow_ema import (
     verify_checkpoint,
 )
 from mlflow_ema import checkpoint as checkpoint_module
+from mlflow_ema.checkpoint import FORMAT_VERSION
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_round_trip_is_bit_exact_and_the_manifest_describes_the_weights(trained,
     )
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors"]
     on_disk = json.loads((path / "manifest.json").read_text())
-    assert on_disk["format_version"] == 1 and on_disk["kind"] == "ema"
+    assert on_disk["format_version"] == FORMAT_VERSION == 2 and on_disk["kind"] == "ema"
     assert (on_disk["step"], on_disk["epoch"], on_disk["ema_decay"], on_disk["ema_updates"]) == (6, 1, 0.9, 6)
     assert on_disk["dtypes"] == {"float32": 8, "int64": 1}
     assert on_disk["num_parameters"] == sum(v.numel() for v in model.state_dict().values())

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from mlflow_ema import ChecksumMismatchError, load_checkpoint
-from mlflow_ema.checkpoint import FORMAT_VERSION
+from mlflow_ema.checkpoint import FORMAT_VERSION, INDEX_FILE, weight_files, weights_digest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "mlruns_fixtures"
@@ -356,10 +356,76 @@ def test_every_fixture_checkpoint_loads_with_the_current_code(store):
             assert manifest.format_version == store.info["format_version"]
             assert (manifest.kind, manifest.step, manifest.epoch) == (c["kind"], c["step"], c["epoch"])
             assert manifest.init_fingerprint == run["init_fingerprint"] and manifest.all_finite
-            assert manifest.files["model.safetensors"]["sha256"] == c["stored_sha256"] == c["sha256"]
+            assert weights_digest(manifest) == c["stored_sha256"] == c["sha256"]
+            assert manifest.sharded == c.get("sharded", False)  # (format 1 has no sharded checkpoints)
             model.load_state_dict(state)  # strict: the recorded architecture, every tensor
             checked += 1
     assert checked == sum(len(r["checkpoints"]) for r in store.runs.values()) - 1
+
+
+def test_sharded_fixture_checkpoints_are_hugging_face_folders_and_inspect_lists_every_shard(store):
+    """From format 2 on, good-a's checkpoints are sharded (make_fixtures.py): the folder reads as
+    Hugging Face tooling reads it, and `inspect models:/<id>` verifies every shard."""
+    sharded = [c for run in store.runs.values() for c in run["checkpoints"] if c.get("sharded")]
+    if store.info["format_version"] < 2:
+        assert not sharded
+        pytest.skip("format 1 has no sharded checkpoints")
+    assert {c["model_id"] for c in sharded} == {c["model_id"] for c in store.runs["good-a"]["checkpoints"]}
+    import safetensors.torch
+
+    for c in sharded:
+        folder = store.checkpoint_dir(c)
+        index = json.loads((folder / INDEX_FILE).read_text())
+        tensors = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            tensors.update(safetensors.torch.load_file(folder / shard))
+        state, manifest = load_checkpoint(folder)
+        assert len(weight_files(manifest)) >= 2 and "model.safetensors" not in manifest.files
+        assert sorted(tensors) == sorted(index["weight_map"]) == sorted(state)
+        assert all(torch.equal(tensors[k], state[k]) for k in state)
+
+    best = mf.best_checkpoint(store.runs["good-a"])
+    out = json.loads(cli("inspect", f"models:/{best['model_id']}", "--json"))
+    shards = [n for n in out["manifest"]["files"] if n.startswith("model-")]
+    assert len(shards) >= 2 and INDEX_FILE in out["manifest"]["files"]
+    hidden = store.info["model_kwargs"]["hidden"]
+    assert {"name": "0.weight", "dtype": "F32", "shape": [hidden, 64]} in out["tensors"]
+    text = cli("inspect", f"models:/{best['model_id']}")
+    assert all(f"file {name}: " in text for name in shards)
+    assert text.count("(verified)") == len(out["manifest"]["files"])
+
+
+def test_average_with_max_shard_size_writes_and_registers_a_sharded_soup(store, tmp_path):
+    """End to end on the real store: the good runs (in format 2, the best one sharded, the others
+    not) averaged into a soup sharded at 2 KB, written with --output and registered."""
+    good = [(n, c) for n, c in store.expected_ranking() if store.runs[n]["role"] == "good"]
+    args = ["average", "-e", "sweep", "--filter", "tags.fixture_role = 'good'", "--top-k", "3"]
+    line = one_error_line(cli(*args, "--max-shard-size", "2Gb", "--register-as", "never", code=1))
+    assert "--max-shard-size must be a positive number of bytes" in line and "'2Gb'" in line
+    assert registered_versions() == 0
+
+    out = json.loads(cli(*args, "--max-shard-size", "2KB", "--output", str(tmp_path / "soup"),
+                         "--register-as", "sharded-soup", "--json"))  # fmt: skip
+    assert [m["model_id"] for m in out["members"]] == [c["model_id"] for _, c in good]
+    soup = load_checkpoint(tmp_path / "soup")
+    assert soup.manifest.sharded and len(weight_files(soup.manifest)) >= 2
+    _mean_of(store, [c for _, c in good], soup.state_dict)
+
+    version = MlflowClient().get_model_version("sharded-soup", out["registered"]["version"])
+    assert version.tags["mlflow_ema.sha256"] == weights_digest(soup.manifest) == out["registered"]["sha256"]
+    sources = json.loads(version.tags["mlflow_ema.sources"])
+    assert [s["sha256"] for s in sources] == [c["stored_sha256"] for _, c in good]
+    stored = {a.path for a in MlflowClient().list_artifacts(out["registered"]["run_id"], "soup")}
+    assert stored == {f"soup/{name}" for name in [*soup.manifest.files, "manifest.json"]}
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model("models:/sharded-soup/1")
+    assert all(torch.equal(v, soup.state_dict[k]) for k, v in model.state_dict().items())
+
+    cli(*args, "--max-shard-size", "none", "--output", str(tmp_path / "flat"))
+    flat = load_checkpoint(tmp_path / "flat")
+    assert sorted(flat.manifest.files) == ["model.safetensors"]
+    assert all(torch.equal(flat.state_dict[k], v) for k, v in soup.state_dict.items())
 
 
 # -- the script ----------------------------------------------------------------------------------------
@@ -397,7 +463,7 @@ def test_the_script_rebuilds_the_committed_checkpoints_byte_for_byte(tmp_path):
                 manifest = json.loads((files / "manifest.json").read_text())
                 manifest.pop("created_by")  # the mlflow-ema version: may move on without a format change
                 found[name, c["name"]] = (
-                    mf.sha256(files / "model.safetensors"),
+                    {f.name: mf.sha256(f) for f in sorted(files.iterdir()) if f.name != "manifest.json"},
                     manifest,
                     c["metrics"],
                     run["status"],
