@@ -16,6 +16,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=["ddp", "fsdp"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ema-ranks", default="all")
+    parser.add_argument(
+        "--end", choices=["log_checkpoint", "run_end"], default="log_checkpoint",
+        help="log_checkpoint() on every rank at the end, or rely on checkpoint_at_end",
+    )  # fmt: skip
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -54,7 +59,7 @@ def main() -> None:
     mlflow_ema.autolog(
         decay=DECAY,
         checkpoint_every_n_steps=CHECKPOINT_EVERY,
-        checkpoint_at_end=False,
+        checkpoint_at_end=args.end == "run_end",
         ema_ranks=args.ema_ranks,
     )
 
@@ -64,14 +69,16 @@ def main() -> None:
         mlflow.start_run(run_name=f"{args.mode}-{args.ema_ranks}") if rank == 0 else contextlib.nullcontext()
     )
     started = time.monotonic()
-    with run:
+    with warnings.catch_warnings(record=True) as caught, run:
+        warnings.simplefilter("always")
         for x, y in digits_batches(STEPS):
             xs, ys = x[rank::world], y[rank::world]  # this rank's half of the global batch
             loss = nn.functional.cross_entropy(trained(xs), ys)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        mlflow_ema.log_checkpoint()  # on every rank, as documented
+        if args.end == "log_checkpoint":
+            mlflow_ema.log_checkpoint()  # on every rank, as documented
         try:
             ema = mlflow_ema.get_ema()
             state = {
@@ -87,6 +94,9 @@ def main() -> None:
         except mlflow_ema.MlflowEmaError as e:
             result = {"no_ema": str(e)}
         result["run_id"] = run.info.run_id if rank == 0 else None
+    result["warnings"] = [
+        str(w.message) for w in caught if "mlflow-ema" in str(w.message) or "sharded" in str(w.message)
+    ]
     # rank 0 has flushed its uploads when the run closed; the others got here long before
     dist.barrier()
     result["seconds"] = time.monotonic() - started

@@ -107,3 +107,15 @@ def test_fsdp2_keeps_the_ema_of_each_shard_and_checkpoints_the_full_model(tracki
     # each rank averages only its own shards: no full copy of a weight on any rank
     shards = [r["shadow_shapes"]["0.weight"] for r in ranks]
     assert shards == [[16, 64], [16, 64]] and ranks[0]["shadow_shapes"]["4.bias"] == [5]
+
+
+def test_fsdp2_run_end_cannot_gather_alone_and_says_what_is_left_out(tracking, tmp_path):
+    ranks = torchrun("fsdp", tmp_path / "out", "--end", "run_end")
+    found = checkpoints(ranks[0]["run_id"])
+    assert sorted(found) == sorted(
+        f"{k}-step{s}" for k in ("raw", "ema") for s in (5, 10)
+    )  # no hang, no step 12
+    assert {m.status.name for m in found.values()} == {"READY"}
+    (warning,) = ranks[0]["warnings"]
+    assert "the last 2 steps have no checkpoint" in warning and "log_checkpoint() on every rank" in warning
+    assert ranks[1]["warnings"] == []
