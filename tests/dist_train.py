@@ -79,6 +79,13 @@ def main() -> None:
             optimizer.step()
         if args.end == "log_checkpoint":
             mlflow_ema.log_checkpoint()  # on every rank, as documented
+        eval_loss = None
+        if args.ema_ranks == "all":  # evaluate with the EMA weights swapped in, on every rank's half
+            x, y = next(digits_batches(1, seed=7))
+            with torch.no_grad(), mlflow_ema.swap():
+                loss = nn.functional.cross_entropy(trained(x[rank::world]), y[rank::world])
+            dist.all_reduce(loss)
+            eval_loss = loss.item() / world
         try:
             ema = mlflow_ema.get_ema()
             state = {
@@ -94,6 +101,7 @@ def main() -> None:
         except mlflow_ema.MlflowEmaError as e:
             result = {"no_ema": str(e)}
         result["run_id"] = run.info.run_id if rank == 0 else None
+        result["ema_eval_loss"] = eval_loss
     result["warnings"] = [
         str(w.message) for w in caught if "mlflow-ema" in str(w.message) or "sharded" in str(w.message)
     ]

@@ -75,12 +75,12 @@ def make_mlp(seed: int = 0, hidden: int = 32) -> nn.Module:
     )
 
 
-def digits_batches(steps: int, batch: int = 64):
+def digits_batches(steps: int, batch: int = 64, seed: int = 1000):
     """``steps`` global batches of scikit-learn's digits, the same on every call and rank."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
     for i in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=torch.Generator().manual_seed(1000 + i))
+        idx = torch.randint(0, len(x), (batch,), generator=torch.Generator().manual_seed(seed + i))
         yield x[idx], y[idx]

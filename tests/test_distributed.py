@@ -104,6 +104,16 @@ def test_fsdp2_keeps_the_ema_of_each_shard_and_checkpoints_the_full_model(tracki
     _, ema = reference(0)
     assert found["ema-step12"].tags["mlflow_ema.init_fingerprint"] == ema.init_fingerprint == ranks[1]["init"]
     assert ranks[0]["ema_fingerprint"] == ranks[1]["ema_fingerprint"]  # both ranks see one EMA
+    # mlflow_ema.swap() evaluates the EMA weights under FSDP: the loss of the reference EMA model
+    model, ema = reference(12)
+    x, y = next(digits_batches(1, seed=7))
+    with torch.no_grad():
+        raw_loss = nn.functional.cross_entropy(model(x), y).item()
+        ema.copy_to(model)
+        expected_loss = nn.functional.cross_entropy(model(x), y).item()
+    assert ranks[0]["ema_eval_loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert abs(expected_loss - raw_loss) > 1e-3  # the EMA weights, not the raw ones
+    assert ranks[0]["ema_eval_loss"] == ranks[1]["ema_eval_loss"]
     # each rank averages only its own shards: no full copy of a weight on any rank
     shards = [r["shadow_shapes"]["0.weight"] for r in ranks]
     assert shards == [[16, 64], [16, 64]] and ranks[0]["shadow_shapes"]["4.bias"] == [5]
