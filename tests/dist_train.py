@@ -44,6 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    args.out.mkdir(parents=True, exist_ok=True)
 
     model = make_mlp(seed=0)  # the same initial weights on every rank
     if args.mode == "ddp":
