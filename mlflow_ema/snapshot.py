@@ -8,8 +8,12 @@ until the copy stream has caught up; on the CPU they are plain clones.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,3 +119,105 @@ def gather_sharded(model: Any, ema: Any) -> tuple[dict[str, torch.Tensor], dict[
     with ema.swap():
         averaged = get_model_state_dict(model, options=options)
     return raw, averaged
+
+
+def _part_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    return folder / f"rank{rank:05d}.safetensors", folder / f"rank{rank:05d}.json"
+
+
+def save_part(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Write this rank's part of a sharded state dict into ``folder``: the local shard of
+    each DTensor with where it sits in the full tensor (``DTensor.__create_chunk_list__``),
+    and, from rank 0 only, the tensors every rank holds whole (buffers). No communication.
+    The layout file is renamed into place last, so a part that exists is complete."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    rank = dist.get_rank()
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach()
+        if hasattr(tensor, "to_local"):  # DTensor: this rank's chunk
+            (chunk,) = tensor.__create_chunk_list__()
+            layout[name] = {"shape": list(tensor.shape), "offsets": list(chunk.offsets)}
+            tensor = tensor.to_local()
+        elif rank == 0:
+            layout[name] = {"shape": None, "offsets": None}
+        else:
+            continue
+        tensors[name] = tensor.to("cpu", copy=True).contiguous()
+    weights, index = _part_files(folder, rank)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    partial = index.with_suffix(".json.partial")
+    partial.write_text(json.dumps(layout))
+    os.replace(partial, index)
+
+
+class MergedParts:
+    """The full state dict of the parts that ``world`` ranks wrote with :func:`save_part`,
+    assembled on :meth:`wait` (on rank 0's upload thread, never the training step); the
+    parts are deleted once read. Fails with a one-line error when a part is missing or the
+    chunks do not cover a tensor."""
+
+    def __init__(self, folder: Path, world: int) -> None:
+        self.folder = folder
+        self.world = world
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        from mlflow_ema.errors import CheckpointError
+
+        full: dict[str, torch.Tensor] = {}
+        covered: dict[str, int] = {}
+        try:
+            for rank in range(self.world):
+                weights, index = _part_files(self.folder, rank)
+                if not index.is_file():
+                    raise CheckpointError(f"{self.folder}: the part of rank {rank} is missing")
+                layout = json.loads(index.read_text())
+                with safe_open(str(weights), framework="pt") as part:
+                    for name, where in layout.items():
+                        chunk = part.get_tensor(name)
+                        if where["shape"] is None:
+                            full[name] = chunk
+                            continue
+                        if name not in full:
+                            full[name] = torch.empty(where["shape"], dtype=chunk.dtype)
+                        region = tuple(
+                            slice(o, o + n) for o, n in zip(where["offsets"], chunk.shape, strict=True)
+                        )
+                        full[name][region] = chunk
+                        covered[name] = covered.get(name, 0) + chunk.numel()
+            for name, count in covered.items():
+                if count != full[name].numel():
+                    raise CheckpointError(
+                        f"{self.folder}: the ranks' parts cover {count} of {full[name].numel()} values of {name!r}"
+                    )
+        finally:
+            self.discard()
+        return full
+
+
+def save_sharded_parts(
+    model: Any, ema: Any, folders: tuple[Path, Path]
+) -> tuple[MergedParts, MergedParts] | None:
+    """Every rank writes its part of the raw weights and of the EMA into ``folders`` (on a
+    filesystem all ranks see) instead of gathering them; rank 0 gets what merges them.
+    Collective (two barriers): every rank must call it at the same point."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        for folder in folders:  # parts an interrupted job left at this step
+            shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
+    save_part(folders[0], model.state_dict())
+    save_part(folders[1], ema.model_state_dict())
+    dist.barrier()  # every part is written
+    return (MergedParts(folders[0], world), MergedParts(folders[1], world)) if rank == 0 else None

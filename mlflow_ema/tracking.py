@@ -45,7 +45,14 @@ from mlflow_ema.ema import EMA, is_sharded, unwrap_model
 from mlflow_ema.errors import CheckpointError, IncompatibleModelError, MlflowEmaError
 from mlflow_ema.ledger import EMA_PREFIX, Ledger
 from mlflow_ema.schedules import DecaySchedule, WarmupDecay
-from mlflow_ema.snapshot import Later, Snapshot, gather_sharded, take_snapshot
+from mlflow_ema.snapshot import (
+    Later,
+    MergedParts,
+    Snapshot,
+    gather_sharded,
+    save_sharded_parts,
+    take_snapshot,
+)
 from mlflow_ema.uploader import (
     RUN_TAG_UPLOAD_FAILURES,
     TAG_KIND,
@@ -88,6 +95,7 @@ class AutologConfig:
     max_queue: int = 2
     ema_ranks: str = "all"  # or "zero": under DDP only rank 0 keeps the EMA
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE
+    sharded_save_dir: str | None = None  # sharded models: ranks write their parts, rank 0 merges
     silent: bool = False
 
 
@@ -462,17 +470,24 @@ class _Session:
             if w.gathered_step == step:
                 return False
             w.gathered_step = step
-            gathered = gather_sharded(w.model, w.ema)
+            if self.config.sharded_save_dir:
+                folder = Path(self.config.sharded_save_dir)
+                names = (f"{w.prefix}raw-step{step}", f"{w.prefix}ema-step{step}")
+                gathered = save_sharded_parts(w.model, w.ema, (folder / names[0], folder / names[1]))
+            else:
+                gathered = gather_sharded(w.model, w.ema)
         if not _rank_zero():
             return False
         run = run or _active_run()
-        if run is None:
-            self.warn_once("no-run", NO_RUN_MESSAGE)
+        if run is None or self.ledger.has_checkpoint(run[0], step, w.prefix + "raw-"):
+            if run is None:
+                self.warn_once("no-run", NO_RUN_MESSAGE)
+            for part in gathered or ():
+                if isinstance(part, MergedParts):
+                    part.discard()
             return False
         run_id, tracking_uri = run
         epoch = (w.epoch or None) if epoch is None else int(epoch)
-        if self.ledger.has_checkpoint(run_id, step, w.prefix + "raw-"):
-            return False
         training_state = None
         if self.config.log_training_state and w.sharded:
             self.warn_once(
@@ -493,7 +508,10 @@ class _Session:
             parts.append(
                 CheckpointPart(
                     record,
-                    Snapshot(state) if gathered else take_snapshot(state),  # gathered: CPU copies already
+                    # gathered: CPU copies already; merged parts: assembled on the upload thread
+                    (state if isinstance(state, MergedParts) else Snapshot(state))
+                    if gathered
+                    else take_snapshot(state),
                     training_state=training_state if kind == "raw" else None,
                     ema_decay=w.ema.last_decay if kind == "ema" else None,
                     ema_updates=w.ema.num_updates if kind == "ema" else None,
@@ -657,6 +675,7 @@ def autolog(
     max_queue: int = 2,
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
     ema_ranks: str = "all",
+    sharded_save_dir: str | None = None,
     disable: bool = False,
     silent: bool = False,
 ) -> None:
@@ -691,6 +710,11 @@ def autolog(
             required for sharded models, where each rank averages its own shards) or
             ``"zero"``: only rank 0 (DDP: saves the other ranks the memory and the work).
             Only rank 0 writes to MLflow either way.
+        sharded_save_dir: for sharded (FSDP2) models: instead of gathering the full weights
+            over the network at a checkpoint, every rank writes its own shards into this
+            directory (which all ranks must see: a local disk on one node, else a shared
+            filesystem) and rank 0 merges them into the checkpoint it uploads, on its upload
+            thread. Default: gather to rank 0.
         disable: remove autolog's hooks.
         silent: no warnings about setup (never about lost checkpoints).
     """
@@ -730,6 +754,7 @@ def autolog(
         max_queue=max_queue,
         max_shard_size=parse_size(max_shard_size),
         ema_ranks=ema_ranks,
+        sharded_save_dir=str(sharded_save_dir) if sharded_save_dir else None,
         silent=silent,
     )
     session.uploader.max_queue = max_queue

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, TRAINING_STATE_FILE, save_checkpoint, weights_digest
+from mlflow_ema.errors import CheckpointError
 from mlflow_ema.ledger import CheckpointRecord, Ledger
 from mlflow_ema.snapshot import Snapshot
 
@@ -207,9 +208,16 @@ class Uploader:
         with tempfile.TemporaryDirectory(prefix="mlflow-ema-") as tmp:
             for part in job.parts:
                 folder = Path(tmp) / part.record.name
+                try:
+                    state = part.state.wait()
+                except CheckpointError as e:  # rank parts that cannot be merged: nothing to keep
+                    part.record.status = "failed"
+                    self.ledger.record_failure(job.run_id, f"{part.record.name}: {e}")
+                    _logger.warning("mlflow-ema: could not assemble checkpoint %s: %s", part.record.name, e)
+                    continue
                 manifest = save_checkpoint(
                     folder,
-                    part.state.wait(),
+                    state,
                     kind=part.record.kind,
                     step=part.record.step,
                     epoch=part.record.epoch,

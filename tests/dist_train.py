@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ema-ranks", default="all")
     parser.add_argument(
+        "--parts-dir", help="sharded models: autolog(sharded_save_dir=...) instead of a gather"
+    )
+    parser.add_argument(
         "--end", choices=["log_checkpoint", "run_end"], default="log_checkpoint",
         help="log_checkpoint() on every rank at the end, or rely on checkpoint_at_end",
     )  # fmt: skip
@@ -62,6 +65,7 @@ def main() -> None:
         checkpoint_every_n_steps=CHECKPOINT_EVERY,
         checkpoint_at_end=args.end == "run_end",
         ema_ranks=args.ema_ranks,
+        sharded_save_dir=args.parts_dir,
     )
 
     import mlflow

@@ -87,8 +87,13 @@ def test_ddp_every_rank_keeps_the_ema_or_rank_zero_alone_and_only_rank_zero_writ
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp2_keeps_the_ema_of_each_shard_and_checkpoints_the_full_model(tracking, tmp_path):
-    ranks = torchrun("fsdp", tmp_path / "out")
+@pytest.mark.parametrize("save", ["gather", "parts"])
+def test_fsdp2_keeps_the_ema_of_each_shard_and_checkpoints_the_full_model(tracking, tmp_path, save):
+    # gather: to rank 0 over the process group; parts: every rank writes its shards, rank 0 merges
+    parts = tmp_path / "parts"
+    ranks = torchrun("fsdp", tmp_path / "out", *(["--parts-dir", str(parts)] if save == "parts" else []))
+    if save == "parts":
+        assert parts.is_dir() and list(parts.iterdir()) == []  # written, merged, removed
     run_id = ranks[0]["run_id"]
     found = checkpoints(run_id)
     assert sorted(found) == sorted(f"{k}-step{s}" for k in ("raw", "ema") for s in (5, 10, 12))
@@ -129,3 +134,35 @@ def test_fsdp2_run_end_cannot_gather_alone_and_says_what_is_left_out(tracking, t
     (warning,) = ranks[0]["warnings"]
     assert "the last 2 steps have no checkpoint" in warning and "log_checkpoint() on every rank" in warning
     assert ranks[1]["warnings"] == []
+
+
+def test_merging_rank_parts_refuses_a_missing_part_or_a_gap_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from mlflow_ema.errors import CheckpointError
+    from mlflow_ema.snapshot import MergedParts
+
+    def part(folder: Path, rank: int, rows: slice) -> None:
+        folder.mkdir(exist_ok=True)
+        weight = torch.arange(12.0).view(4, 3)[rows]
+        save_file({"w": weight.contiguous()}, folder / f"rank{rank:05d}.safetensors")
+        layout = {"w": {"shape": [4, 3], "offsets": [rows.start, 0]}}
+        (folder / f"rank{rank:05d}.json").write_text(json.dumps(layout))
+
+    whole = tmp_path / "whole"
+    part(whole, 0, slice(0, 2))
+    part(whole, 1, slice(2, 4))
+    assert torch.equal(MergedParts(whole, 2).wait()["w"], torch.arange(12.0).view(4, 3))
+    assert not whole.exists()  # read once, then removed
+
+    missing = tmp_path / "missing"
+    part(missing, 0, slice(0, 2))
+    with pytest.raises(CheckpointError, match="the part of rank 1 is missing"):
+        MergedParts(missing, 2).wait()
+    assert not missing.exists()
+
+    gap = tmp_path / "gap"
+    part(gap, 0, slice(0, 2))
+    part(gap, 1, slice(3, 4))
+    with pytest.raises(CheckpointError, match="cover 9 of 12 values of 'w'"):
+        MergedParts(gap, 2).wait()
