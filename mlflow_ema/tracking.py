@@ -375,6 +375,19 @@ class _Session:
         c = self.config
         model = unwrap_model(model)
         sharded = is_sharded(model)
+        if (
+            sharded
+            and c.sharded_save_dir
+            and any(
+                not placement.is_shard()
+                for p in model.parameters()
+                for placement in getattr(p, "placements", ())
+            )
+        ):
+            raise MlflowEmaError(
+                "sharded_save_dir needs parameters sharded across the ranks; replicated placements (HSDP) "
+                "need the default gather (sharded_save_dir=None)"
+            )
         if sharded and c.ema_ranks != "all":
             raise MlflowEmaError(
                 "the model is sharded (DTensor parameters, e.g. FSDP2): every rank keeps the EMA of its "
