@@ -166,3 +166,28 @@ def test_merging_rank_parts_refuses_a_missing_part_or_a_gap_in_one_line(tmp_path
     part(gap, 1, slice(3, 4))
     with pytest.raises(CheckpointError, match="cover 9 of 12 values of 'w'"):
         MergedParts(gap, 2).wait()
+
+
+def test_rank_parts_that_cannot_be_merged_fail_that_checkpoint_and_the_next_one_uploads(tracking, tmp_path):
+    """The upload thread's side of a missing part: that checkpoint is recorded as a failure
+    (reported at run end), nothing half-made reaches MLflow, and the queue goes on."""
+    from mlflow_ema.snapshot import MergedParts, Snapshot
+    from mlflow_ema.tracking import _SESSION
+    from mlflow_ema.uploader import CheckpointPart
+
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        broken = _SESSION.ledger.add_checkpoint(run_id, "ema", 5, None, "ema-step5", 5)
+        fine = _SESSION.ledger.add_checkpoint(run_id, "raw", 5, None, "raw-step5", 5)
+        parts = [
+            CheckpointPart(broken, MergedParts(tmp_path / "never-written", 2)),
+            CheckpointPart(fine, Snapshot(make_mlp().state_dict())),
+        ]
+        _SESSION.uploader.submit(_SESSION.job_for(run_id, tracking, parts))
+        assert _SESSION.uploader.flush(timeout=120)
+        failures = _SESSION.ledger.failures(run_id)
+    assert broken.status == "failed" and fine.status != "failed"
+    assert (
+        len(failures) == 1 and "ema-step5: " in failures[0] and "the part of rank 0 is missing" in failures[0]
+    )
+    assert [m.name for m in logged_models(run_id)] == ["raw-step5"]

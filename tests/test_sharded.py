@@ -36,6 +36,10 @@ LIMIT = 2048  # bytes per shard in these tests
 SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 
 
+# every way a checkpoint folder is read: each must refuse a broken one alike
+READERS = (verify_checkpoint, load_checkpoint, lambda p: load_checkpoint(p, verify=False), tensor_specs)
+
+
 def model_state(seed: int = 0, *, integers: bool = False) -> dict[str, torch.Tensor]:
     """A language-model-like state dict of ~9 KB: an embedding larger than LIMIT (its own shard),
     twelve blocks (blocks.2 sorts before blocks.10), a fused qkv stored as three views of one
@@ -272,12 +276,7 @@ def test_a_corrupt_or_missing_shard_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         verify_checkpoint(path)
     second.unlink()
-    for read in (
-        verify_checkpoint,
-        load_checkpoint,
-        lambda p: load_checkpoint(p, verify=False),
-        tensor_specs,
-    ):
+    for read in READERS:
         with pytest.raises(CheckpointError) as error:
             read(path)
         assert one_line(error) == f"{second} is missing"
@@ -305,12 +304,7 @@ def test_an_index_that_disagrees_with_the_manifest_or_the_shards_is_refused(tmp_
     path = tmp_path / "c"
     save(path, model_state())
     rewrite(path, INDEX_FILE, json.dumps(break_it(_index(path))).encode())
-    for read in (
-        verify_checkpoint,
-        load_checkpoint,
-        lambda p: load_checkpoint(p, verify=False),
-        tensor_specs,
-    ):
+    for read in READERS:
         with pytest.raises(CheckpointError) as error:
             read(path)
         assert message in one_line(error)
