@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 import shutil
 import struct
 import tempfile
@@ -63,6 +64,12 @@ _SIZE_UNITS = {
     "B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
 }  # fmt: skip
+# A forged length in a safetensors file's first 8 bytes would allocate up to 16 EB: refuse
+# anything over the safetensors library's own limit before reading a byte of the header.
+MAX_HEADER_BYTES = 100 * 10**6
+# manifest.json and the index take kilobytes; a huge one is an attack or a broken disk.
+MAX_JSON_BYTES = 64 * 10**6
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 _FINITE_CHUNK = 1 << 22  # elements checked for NaN/inf at a time
 _DTYPES = {
@@ -70,6 +77,11 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
+_SHORT = reprlib.Repr()  # values quoted in errors: bounded, whatever their size
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = 4
+_SHORT.maxlevel = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,38 +114,112 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "manifest") -> Manifest:
+        """The manifest in ``data``, every field's type checked: a malformed one raises a
+        one-line :class:`CheckpointError` naming ``source`` and the field."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise CheckpointError(f"{source} is not an mlflow-ema checkpoint manifest")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not _is_int(version) or version < 1:
+            raise CheckpointError(f"{source}: format_version must be a positive integer, got {_got(version)}")
+        if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{source} has checkpoint format {version!r}; this mlflow-ema {__version__} "
                 f"reads format {FORMAT_VERSION} and older: upgrade mlflow-ema"
             )
+        _check_fields(data, source)
         known = {f.name for f in dataclasses.fields(cls)}
-        try:
-            manifest = cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as e:
-            raise CheckpointError(f"{source} is incomplete: {e}") from None
-        if manifest.kind not in KINDS:
-            raise CheckpointError(f"{source} has unknown kind {manifest.kind!r}")
-        for name in manifest.files:
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise CheckpointError(f"{source} names a file outside the checkpoint: {name!r}")
-        if manifest.sharded:
-            if WEIGHTS_FILE in manifest.files:
-                raise CheckpointError(
-                    f"{source} lists both {WEIGHTS_FILE} and sharded weights ({INDEX_FILE})"
-                )
-            if version < 2:
-                raise CheckpointError(
-                    f"{source} is checkpoint format {version}, which has no sharded weights"
-                )
-            if not weight_files(manifest):
-                raise CheckpointError(f"{source} lists {INDEX_FILE} but no shard")
-        elif WEIGHTS_FILE not in manifest.files:
-            raise CheckpointError(f"{source} lists no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        _check_files(manifest.files, source)
+        _check_layout(manifest, version, source)
         return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no count
+
+
+def _is_count(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_dict_of(value: Any, ok: Callable[[Any], bool]) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and ok(v) for k, v in value.items())
+
+
+def _or_none(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or ok(value)
+
+
+def _got(value: Any) -> str:
+    """``value`` for an error message: its JSON kind and a bounded, one-line repr."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kind = "an object " if isinstance(value, dict) else "a list " if isinstance(value, list) else ""
+    return kind + _SHORT.repr(value)
+
+
+# Manifest field -> (check, what it must be); files' entries are checked by _check_files.
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "kind": (lambda v: isinstance(v, str) and v in KINDS, f"one of {', '.join(map(repr, KINDS))}"),
+    "files": (lambda v: _is_dict_of(v, lambda _: True), "an object of file name -> {sha256, bytes}"),
+    "num_tensors": (_is_count, "a non-negative integer"),
+    "num_parameters": (_is_count, "a non-negative integer"),
+    "dtypes": (lambda v: _is_dict_of(v, _is_count), "an object of dtype name -> number of tensors"),
+    "all_finite": (lambda v: isinstance(v, bool), "true or false"),
+    "step": (_or_none(_is_int), "an integer or null"),
+    "epoch": (_or_none(_is_int), "an integer or null"),
+    "ema_decay": (_or_none(_is_number), "a number or null"),
+    "ema_updates": (_or_none(_is_int), "an integer or null"),
+    "init_fingerprint": (_or_none(lambda v: isinstance(v, str)), "a string or null"),
+    "aliases": (
+        lambda v: _is_dict_of(v, lambda t: isinstance(t, str)),
+        "an object of tensor name -> tensor name",
+    ),
+    "metadata": (lambda v: _is_dict_of(v, lambda _: True), "an object"),
+    "created_by": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_fields(data: Mapping[str, Any], source: str) -> None:
+    for field in dataclasses.fields(Manifest):
+        if field.name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise CheckpointError(f"{source} is incomplete: {field.name} is missing")
+            continue
+        rule = _FIELD_RULES.get(field.name)
+        if rule is not None and not rule[0](data[field.name]):
+            raise CheckpointError(f"{source}: {field.name} must be {rule[1]}, got {_got(data[field.name])}")
+
+
+def _check_files(files: Mapping[str, Any], source: str) -> None:
+    for name, entry in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{source} names a file outside the checkpoint: {_SHORT.repr(name)}")
+        where = f"{source}: files[{_SHORT.repr(name)}]"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where} must be an object with sha256 and bytes, got {_got(entry)}")
+        sha256, size = entry.get("sha256"), entry.get("bytes")
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise CheckpointError(f"{where}.sha256 must be 64 lowercase hex digits, got {_got(sha256)}")
+        if not _is_count(size):
+            raise CheckpointError(f"{where}.bytes must be a non-negative integer, got {_got(size)}")
+
+
+def _check_layout(manifest: Manifest, version: int, source: str) -> None:
+    """The weights are ``model.safetensors`` or shards with their index, never both."""
+    if manifest.sharded:
+        if WEIGHTS_FILE in manifest.files:
+            raise CheckpointError(f"{source} lists both {WEIGHTS_FILE} and sharded weights ({INDEX_FILE})")
+        if version < 2:
+            raise CheckpointError(f"{source} is checkpoint format {version}, which has no sharded weights")
+        if not weight_files(manifest):
+            raise CheckpointError(f"{source} lists {INDEX_FILE} but no shard")
+    elif WEIGHTS_FILE not in manifest.files:
+        raise CheckpointError(f"{source} lists no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
 
 
 class Checkpoint(NamedTuple):
@@ -237,23 +323,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        files: dict[str, dict[str, Any]] = {}
-        weight_map: dict[str, str] = {}
-        all_finite = True
-        for i, names in enumerate(shards, 1):
-            name = WEIGHTS_FILE if len(shards) == 1 else SHARD_FILE.format(i, len(shards))
-            shard = {n: _host(tensors[n]) for n in names}  # one shard on the CPU at a time
-            # one metadata key: safetensors writes them in hash order, and files would differ run to run
-            save_file(shard, staging / name, metadata={"format": "pt"})
-            all_finite = all_finite and all(_finite(t) for t in shard.values())
-            del shard
-            files[name] = _file_digest(staging / name)
-            weight_map.update(dict.fromkeys(names, name))
-        if len(shards) > 1:
-            total = sum(_nbytes(t) for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            files[INDEX_FILE] = _file_digest(staging / INDEX_FILE)
+        files, all_finite = _write_weights(staging, tensors, shards)
         if training_state is not None:
             torch.save(dict(training_state), staging / TRAINING_STATE_FILE)
             files[TRAINING_STATE_FILE] = _file_digest(staging / TRAINING_STATE_FILE)
@@ -285,6 +355,31 @@ def save_checkpoint(
     return manifest
 
 
+def _write_weights(
+    staging: Path, tensors: Mapping[str, torch.Tensor], shards: list[list[str]]
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Write ``model.safetensors``, or the shards and their index, into ``staging``; returns
+    the files' digests and whether every tensor is finite."""
+    files: dict[str, dict[str, Any]] = {}
+    weight_map: dict[str, str] = {}
+    all_finite = True
+    for i, names in enumerate(shards, 1):
+        name = WEIGHTS_FILE if len(shards) == 1 else SHARD_FILE.format(i, len(shards))
+        shard = {n: _host(tensors[n]) for n in names}  # one shard on the CPU at a time
+        # one metadata key: safetensors writes them in hash order, and files would differ run to run
+        save_file(shard, staging / name, metadata={"format": "pt"})
+        all_finite = all_finite and all(_finite(t) for t in shard.values())
+        del shard
+        files[name] = _file_digest(staging / name)
+        weight_map.update(dict.fromkeys(names, name))
+    if len(shards) > 1:
+        total = sum(_nbytes(t) for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        files[INDEX_FILE] = _file_digest(staging / INDEX_FILE)
+    return files, all_finite
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """The manifest of the checkpoint at ``path``, without reading the weights."""
     path = Path(path)
@@ -293,11 +388,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise CheckpointError(f"no checkpoint folder at {path}")
     if not file.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST_FILE}: not an mlflow-ema checkpoint")
-    try:
-        data = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
-    return Manifest.from_dict(data, source=str(file))
+    return Manifest.from_dict(_read_json(file), source=str(file))
 
 
 def verify_checkpoint(path: str | os.PathLike) -> Manifest:
@@ -318,8 +409,9 @@ def load_checkpoint(
     and sha256 are checked first."""
     path = Path(path)
     manifest = verify_checkpoint(path) if verify else read_manifest(path)
-    if manifest.sharded and not verify:
-        WeightsReader(path, manifest).close()  # the index and the shards agree
+    if not verify:
+        # our bounded, checked header parse (and the index against the shards) before load_file
+        WeightsReader(path, manifest).close()
     tensors: dict[str, torch.Tensor] = {}
     for name in weight_files(manifest):
         file = path / name
@@ -390,22 +482,7 @@ class _SafetensorsFile:
     def __init__(self, file: Path) -> None:
         self.file = file
         self._fd: int | None = None
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        try:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-                header = json.loads(os.pread(fd, size, 8))
-            finally:
-                os.close(fd)
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (OSError, ValueError, struct.error) as e:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self._base = 8 + size
-        self.entries = header  # name -> {"dtype", "shape", "data_offsets"}
+        self.entries, self._base = _read_header(file)  # name -> {"dtype", "shape", "data_offsets"}
 
     def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
         entry = self.entries[name]
@@ -445,6 +522,92 @@ class _SafetensorsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _read_header(file: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The checked tensor entries of a safetensors file's header, and where its data starts.
+    The header's length is bounded by the file and MAX_HEADER_BYTES before anything is read."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{file} is not a readable safetensors file ({what})")
+
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{len(prefix)} bytes, shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise bad(f"header length {length} bytes is over the limit of {MAX_HEADER_BYTES}")
+            if length > size - 8:
+                raise bad(f"header length {length} bytes runs past the end of the {size}-byte file")
+            raw = f.read(length)
+    except OSError as e:
+        raise bad(str(e)) from None
+    if len(raw) < length:
+        raise bad("the file ends inside its header: truncated")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _Duplicate as e:
+        raise bad(f"the header names {_SHORT.repr(e.args[0])} twice") from None
+    except UnicodeDecodeError:
+        raise bad("the header is not UTF-8") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
+        raise bad(f"the header is not valid JSON: {str(e) or type(e).__name__}") from None
+    return _check_header(header, size - 8 - length, bad), 8 + length
+
+
+def _check_header(
+    header: Any, data_size: int, bad: Callable[[str], CheckpointError]
+) -> dict[str, dict[str, Any]]:
+    """The tensor entries, each with a string dtype, a shape of non-negative ints and data
+    offsets inside the data; known dtypes' offsets hold exactly the shape's bytes."""
+    if not isinstance(header, dict):
+        raise bad(f"the header must be a JSON object, got {_got(header)}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not _is_dict_of(metadata, lambda v: isinstance(v, str)):
+        raise bad(f"__metadata__ must be an object of strings, got {_got(metadata)}")
+    for name, entry in header.items():
+        _check_entry(_SHORT.repr(name), entry, data_size, bad)
+    return header
+
+
+def _check_entry(name: str, entry: Any, data_size: int, bad: Callable[[str], CheckpointError]) -> None:
+    if not isinstance(entry, dict):
+        raise bad(f"{name} must be an object with dtype, shape and data_offsets, got {_got(entry)}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"{name} has dtype {_got(dtype)}, not a string")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise bad(f"{name} has shape {_got(shape)}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise bad(f"{name} has data_offsets {_got(offsets)}, not two integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
+        raise bad(f"{name} has data_offsets {_SHORT.repr(offsets)}, outside the {data_size} bytes of data")
+    itemsize = _ITEMSIZE.get(dtype)  # unknown dtypes: refused on read, naming the dtype
+    if itemsize is None:
+        return
+    numel = _numel_upto(shape, data_size)
+    if numel * itemsize != end - start:
+        takes = f"{numel * itemsize} bytes" if numel <= data_size else f"over the {data_size} bytes of data"
+        raise bad(f"{name} is {dtype} {_SHORT.repr(shape)}, {takes}, but its data_offsets span {end - start}")
+
+
+def _numel_upto(shape: list[int], limit: int) -> int:
+    """The shape's number of elements, or ``limit + 1`` once past ``limit``: a forged shape
+    of many huge dimensions would otherwise take long to multiply out."""
+    if 0 in shape:
+        return 0
+    numel = 1
+    for n in shape:
+        numel *= n
+        if numel > limit:
+            return limit + 1
+    return numel
 
 
 class WeightsReader:
@@ -513,20 +676,51 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _read_json(file: Path, hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """A checkpoint's JSON file, refused in one line when over MAX_JSON_BYTES (before it is
+    read: a huge one would exhaust memory), unreadable, not UTF-8 or not JSON. ``hook``: the
+    object_pairs_hook; its _Duplicate passes through for the caller to word."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(MAX_JSON_BYTES + 1) if size <= MAX_JSON_BYTES else b""
+    except OSError as e:
+        raise CheckpointError(f"{file} cannot be read ({e.strerror or e})") from None
+    if size > MAX_JSON_BYTES or len(raw) > MAX_JSON_BYTES:  # the second: it grew meanwhile
+        raise CheckpointError(f"{file} takes {max(size, len(raw))} bytes, over the limit of {MAX_JSON_BYTES}")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
+    except _Duplicate:
+        raise
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{file} is not valid JSON ({str(e) or type(e).__name__})") from None
+
+
 def _read_index(path: Path, manifest: Manifest) -> dict[str, str]:
     """The weight map of a sharded checkpoint's index, checked against the manifest."""
     file = path / INDEX_FILE
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
     try:
-        index = json.loads(file.read_text(), object_pairs_hook=_unique_keys)
+        index = _read_json(file, _unique_keys)
     except _Duplicate as e:
         raise CheckpointError(f"{file} names {e.args[0]!r} twice") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{file} must be a JSON object, got {_got(index)}")
+    if "metadata" in index and not isinstance(index["metadata"], dict):
+        raise CheckpointError(f"{file}: metadata must be an object, got {_got(index['metadata'])}")
+    weight_map = index.get("weight_map")
+    if weight_map is None:
         raise CheckpointError(f"{file} has no weight_map of tensor names to files")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{file}: weight_map must be an object of tensor name -> file, got {_got(weight_map)}"
+        )
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(
+                f"{file}: weight_map[{_SHORT.repr(tensor)}] must be a file name, got {_got(shard)}"
+            )
     shards = weight_files(manifest)
     for tensor, shard in weight_map.items():
         if shard not in shards:
