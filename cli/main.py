@@ -7,97 +7,14 @@ command imports torch and mlflow when it runs. Exit codes: 0 success, 1 an error
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from typing import Any
 
 import click
+from mlflow_ema.cli.console import Group, detail, emit, note, progress
 
 from mlflow_ema._version import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class _Command(click.Command):
-    """Runs a command with whatever the libraries it calls print (MLflow's "View run" and
-    registration notices) sent to stderr: stdout carries only the result, so ``--json``
-    output parses."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        ctx.meta["mlflow_ema.stdout"] = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().invoke(ctx)
-
-
-class _Group(click.Group):
-    """Turns errors into one line on stderr and exit code 1, unless ``--debug``."""
-
-    command_class = _Command
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Exception as e:
-            if ctx.params.get("debug"):
-                raise
-            click.echo(f"mlflow-ema: error: {_one_line(e)}", err=True)
-            ctx.exit(1)
-
-
-def _one_line(error: Exception) -> str:
-    message = getattr(error, "message", None) or str(error) or type(error).__name__
-    cause: BaseException | None = error
-    for _ in range(10):  # MLflow raises it when the store opens; a wrapper may have chained it
-        if cause is None:
-            break
-        text = str(getattr(cause, "message", None) or cause)
-        if "Detected out-of-date database schema" in text:
-            return _schema_mismatch(text)
-        cause = cause.__cause__ or cause.__context__
-    if (
-        "Max retries exceeded" in message
-        or "Connection refused" in message
-        or "ConnectionError" in type(error).__name__
-    ):
-        import mlflow
-
-        return f"cannot reach the tracking server at {mlflow.get_tracking_uri()} ({message.splitlines()[0][:200]})"
-    first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
-    return first[:500]
-
-
-def _schema_mismatch(message: str) -> str:
-    """MLflow's "Detected out-of-date database schema (found version X, but expected Y)" as
-    one line with the command to run, or the advice to upgrade MLflow when X is newer."""
-    import re
-
-    import mlflow
-
-    uri = re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", mlflow.get_tracking_uri())  # no password
-    found = re.search(r"found version (\w+), but expected (\w+)", message)
-    have, need = found.groups() if found else ("unknown", "the latest")
-    try:
-        from alembic.script import ScriptDirectory
-        from mlflow.store.db.utils import _get_alembic_config
-
-        script = ScriptDirectory.from_config(_get_alembic_config(""))
-    except Exception:  # MLflow's internals moved: say the usual thing
-        script = None
-    if script is not None and found and have != "None":
-        try:
-            script.get_revision(have)
-        except Exception:  # a revision this MLflow's migrations do not know: a newer MLflow wrote it
-            return (
-                f"the MLflow store {uri} has schema revision {have}, unknown to this MLflow "
-                f"{mlflow.__version__} (it needs {need}): the store was written by a newer MLflow; upgrade MLflow"
-            )
-    return (
-        f"the MLflow store {uri} has an older schema (revision {have}, this MLflow {mlflow.__version__} "
-        f"needs {need}); back it up, then run: mlflow db upgrade {uri}"
-    )
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, path: str | None) -> str | None:
@@ -141,12 +58,7 @@ config_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
 
-def _emit(as_json: bool, data: Any, text: str) -> None:
-    out = click.get_current_context().meta.get("mlflow_ema.stdout")
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else text, file=out)
-
-
-@click.group(cls=_Group, context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="mlflow-ema")
 @click.option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", metavar="URI",
@@ -279,60 +191,83 @@ def _selection_table(candidates: list) -> str:
     help="Rebuild the model with this instead of the run's record.",
 )
 @click.option("--model-kwargs", metavar="JSON", help="Keyword arguments for --model-factory.")
+@click.option(
+    "--trust-module", "trust_modules", multiple=True, metavar="PREFIX",
+    help="Import the model factory or LightningModule class that the runs recorded if its module is under "
+    "PREFIX (repeatable; also $MLFLOW_EMA_TRUST_MODULES, comma-separated). Nothing a run names is imported "
+    "otherwise.",
+)  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Print the selection and stop.")
 @json_option
 def average(experiments, run_id, filter_string, statuses, metric, mode, kind, checkpoint, top_k, min_k, strategy,
             weights, eval_fn, update_bn, dtype, accumulate, allow_different_init, register_as, alias, output,
-            max_shard_size, model_factory, model_kwargs, dry_run, as_json):  # fmt: skip
+            max_shard_size, model_factory, model_kwargs, trust_modules, dry_run, as_json):  # fmt: skip
     """Average the best checkpoints of a sweep (or of one run) and register the soup.
 
     Ranks runs by their best (or last) checkpoint's METRIC, takes the top k, checks that
     they fit together (tensors, init fingerprint, sha256, finite weights), averages them
     one tensor at a time, logs the averaging as an MLflow run and registers the model.
     """
-    import os
-
     from mlflow_ema import workflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bar shows the downloads
 
     options = workflow.AverageOptions(
         experiments=_experiments(experiments, run_id), run_id=run_id, filter_string=filter_string,
         statuses=statuses, metric=metric, mode=mode, kind=kind, checkpoint=checkpoint, top_k=top_k, min_k=min_k,
         strategy=strategy, weights=weights, eval_fn=eval_fn, update_bn=update_bn, dtype=dtype,
         accumulate=accumulate, allow_different_init=allow_different_init, register_as=register_as, alias=alias,
-        output=output, model_factory=model_factory,
+        output=output, model_factory=model_factory, trust_modules=trust_modules,
         max_shard_size=None if str(max_shard_size).lower() == "none" else str(max_shard_size),
-        model_kwargs=json.loads(model_kwargs) if model_kwargs else None,
+        model_kwargs=_json_object(model_kwargs, "--model-kwargs"),
     )  # fmt: skip
+    workflow.check_options(options)  # before the store is touched
+    _open_store()
     selection = workflow.plan(options)
-    for note in selection.warnings:
-        click.echo(f"mlflow-ema: warning: {note}", err=True)
+    for text in selection.warnings:
+        note(f"warning: {text}")
     if dry_run:
         data = {"selection": [c.as_dict() for c in selection.candidates]}
-        _emit(as_json, data, _selection_table(selection.candidates))
+        emit(as_json, data, _selection_table(selection.candidates))
         return
     if not as_json:
-        click.echo(_selection_table(selection.candidates), err=True)
-    bars: dict[str, Any] = {}
+        detail(_selection_table(selection.candidates))
+    result = workflow.average_runs(options, selection=selection, progress=progress(as_json))
+    emit(as_json, _average_data(result), _average_text(result, strategy, metric))
 
-    def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = click.progressbar(length=total, label=stage.ljust(11), file=sys.stderr)
-            bar.__enter__()
-        bar.update(done - bar.pos)
-        if done >= total:
-            bar.__exit__(None, None, None)
 
-    result = workflow.average_runs(options, selection=selection, progress=progress)
-    data = {
+def _json_object(text: str | None, option: str) -> dict | None:
+    if not text:
+        return None
+    from mlflow_ema.errors import MlflowEmaError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MlflowEmaError(f"{option} is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise MlflowEmaError(f"{option} must be a JSON object of keyword arguments, got {text!r}")
+    return value
+
+
+def _open_store() -> None:
+    """The tracking store must exist and answer before a command uses it (see mlflow_ema.stores)."""
+    import mlflow
+
+    from mlflow_ema.stores import check_store
+
+    check_store(mlflow.get_tracking_uri())
+
+
+def _average_data(result) -> dict:
+    return {
         "members": [{**c.as_dict(), "weight": w} for c, w in result.members],
         "rejected": [{**c.as_dict(), "score": s} for c, s in result.rejected],
         "soup_value": result.soup_value,
         "registered": None if result.registered is None else vars(result.registered),
         "output": result.output,
     }
+
+
+def _average_text(result, strategy: str, metric: str) -> str:
     count = len(result.members)
     lines = [f"averaged {count} checkpoint{'s' if count != 1 else ''} ({strategy})"]
     if result.soup_value is not None:
@@ -343,7 +278,7 @@ def average(experiments, run_id, filter_string, statuses, metric, mode, kind, ch
         lines.append(f"registered {r.name} version {r.version} ({where}), run {r.run_id}")
     if result.output:
         lines.append(f"wrote {result.output}")
-    _emit(as_json, data, "\n".join(lines))
+    return "\n".join(lines)
 
 
 @main.command(context_settings=CONTEXT)
@@ -364,15 +299,19 @@ def average(experiments, run_id, filter_string, statuses, metric, mode, kind, ch
 @json_option
 def promote(name, version, from_alias, to, if_better, mode, copy_to, as_json):
     """Move alias --to of registered model NAME to a version (MLflow aliases, not stages)."""
+    from mlflow_ema.registry import check_promotion
     from mlflow_ema.registry import promote as do_promote
 
     if version is None and from_alias is None:
         from_alias = "candidate"
+    check_promotion(name, to=to, version=version, from_alias=from_alias, if_better=if_better, mode=mode,
+                     copy_to=copy_to)  # fmt: skip
+    _open_store()
     result = do_promote(name, to=to, version=version, from_alias=from_alias, if_better=if_better, mode=mode,
                         copy_to=copy_to)  # fmt: skip
     verb = "promoted" if result.promoted else "not promoted"
     text = f"{verb}: {name} {result.reason}" + (f"; copied to {result.copied_to}" if result.copied_to else "")
-    _emit(as_json, vars(result), text)
+    emit(as_json, vars(result), text)
 
 
 @main.command(name="ls", context_settings=CONTEXT)
@@ -384,13 +323,14 @@ def ls_command(experiments, run_id, filter_string, statuses, metric, mode, kind,
     """Rank runs (or one run's checkpoints) by a metric linked to their checkpoints."""
     from mlflow_ema.selection import select
 
+    _open_store()
     selection = select(experiments=_experiments(experiments, run_id), run_id=run_id, filter_string=filter_string,
                        statuses=statuses, metric=metric, mode=mode, kind=kind, checkpoint=checkpoint, top_k=top_k,
                        min_k=1)  # fmt: skip
-    for note in selection.warnings:
-        if not note.startswith("only "):
-            click.echo(f"mlflow-ema: note: {note}", err=True)
-    _emit(as_json, [c.as_dict() for c in selection.candidates], _selection_table(selection.candidates))
+    for text in selection.warnings:
+        if not text.startswith("only "):
+            note(f"note: {text}")
+    emit(as_json, [c.as_dict() for c in selection.candidates], _selection_table(selection.candidates))
 
 
 @main.command(context_settings=CONTEXT)
@@ -410,6 +350,7 @@ def inspect(checkpoint, no_verify, as_json):
         if checkpoint.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://")):
             import mlflow
 
+            _open_store()
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=checkpoint, dst_path=tmp))
         manifest = read_manifest(path) if no_verify else verify_checkpoint(path)
         tensors = tensor_specs(path)
@@ -421,7 +362,7 @@ def inspect(checkpoint, no_verify, as_json):
     width = max((len(t["name"]) for t in tensors), default=4)
     lines += ["", f"{'tensor'.ljust(width)}  dtype  shape"]
     lines += [f"{t['name'].ljust(width)}  {t['dtype']:<5}  {t['shape']}" for t in tensors]
-    _emit(as_json, data, "\n".join(lines))
+    emit(as_json, data, "\n".join(lines))
 
 
 if __name__ == "__main__":

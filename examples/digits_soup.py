@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # Only this sweep: a second invocation in the same folder starts from another base.
     selection = ["--experiment", args.experiment, "--filter", f"params.init_from = '{init_from}'"]
-    candidate = ["--top-k", str(args.top_k), "--eval", EVAL, "--register-as", args.model_name]
+    # The runs record their factory (examples.train_digits:build_model); mlflow-ema imports
+    # code a run names only from modules the user trusts.
+    candidate = ["--top-k", str(args.top_k), "--eval", EVAL, "--trust-module", "examples"]
+    candidate += ["--register-as", args.model_name]
     promote = ["promote", args.model_name, "--from-alias", "candidate", "--to", "champion"]
     versions = {}
     for n, strategy in ((3, "uniform"), (4, "greedy")):

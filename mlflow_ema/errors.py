@@ -22,3 +22,8 @@ class CheckpointError(MlflowEmaError):
 
 class ChecksumMismatchError(CheckpointError):
     """A checkpoint file's sha256 differs from the one its manifest records."""
+
+
+class UntrustedCodeError(MlflowEmaError):
+    """Code named by a tracking server (a run's tag) that the user has not trusted: it is
+    never imported (see ``--trust-module``)."""

@@ -15,6 +15,7 @@ the shards' for sharded weights. A failure before that registers nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -26,9 +27,9 @@ from typing import Any
 import torch
 
 from mlflow_ema._version import __version__
-from mlflow_ema.architecture import build_model
+from mlflow_ema.architecture import load_weights
 from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, Manifest, save_checkpoint, weights_digest
-from mlflow_ema.errors import IncompatibleModelError, MlflowEmaError
+from mlflow_ema.errors import MlflowEmaError
 from mlflow_ema.selection import Candidate
 
 TAG_SOURCES = "mlflow_ema.sources"
@@ -38,6 +39,7 @@ TAG_PROMOTED_TO = "mlflow_ema.promoted_to"
 TAG_PROMOTED_FROM = "mlflow_ema.promoted_from"
 TAG_PROMOTED_AT = "mlflow_ema.promoted_at"
 TAG_REPLACED = "mlflow_ema.replaced_version"
+TAG_INCOMPLETE = "mlflow_ema.incomplete"  # on a soup run whose registration failed midway
 
 
 class RegistryError(MlflowEmaError):
@@ -54,7 +56,7 @@ class RegisteredSoup:
     sha256: str
 
 
-def check_model_name(name: str) -> None:
+def check_model_name(name: str, *, option: str = "registered-model name") -> None:
     """Refuse a registered-model name MLflow would refuse, before any work is done."""
     from mlflow.exceptions import MlflowException
     from mlflow.utils.validation import _validate_model_name
@@ -62,13 +64,38 @@ def check_model_name(name: str) -> None:
     try:
         _validate_model_name(name)
     except MlflowException as e:
-        raise RegistryError(f"invalid registered-model name {name!r}: {e.message}") from None
+        raise RegistryError(f"invalid {option} {name!r}: {e.message}") from None
+
+
+def check_alias(alias: str, *, option: str = "--alias", reserved: bool = True) -> None:
+    """Refuse an alias MLflow would refuse (characters, length; ``latest`` and ``v<digits>``
+    are reserved), before any work is done."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:
+        _validate_model_alias_name(alias)
+        if reserved:
+            _validate_model_alias_name_reserved(alias)
+    except MlflowException as e:
+        raise RegistryError(f"invalid {option} {alias!r}: {e.message}") from None
+
+
+def check_metric_name(metric: str, *, option: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric_name
+
+    try:
+        _validate_metric_name(metric)
+    except MlflowException as e:
+        raise RegistryError(f"invalid {option} {metric!r}: {e.message}") from None
 
 
 def register_soup(
     state_dict: Mapping[str, torch.Tensor],
     members: Sequence[tuple[Candidate, float, Manifest]],
     *,
+    model: torch.nn.Module,
     name: str,
     alias: str | None = None,
     experiment_id: str,
@@ -76,27 +103,55 @@ def register_soup(
     metric: str,
     params: Mapping[str, Any],
     soup_value: float | None = None,
-    model_factory: str | None = None,
-    model_kwargs: dict | None = None,
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
 ) -> RegisteredSoup:
     """Log the soup as a run and register it as a new version of ``name``. See the module
-    docstring; ``members`` are (candidate, normalized weight, manifest), best first."""
+    docstring; ``members`` are (candidate, normalized weight, manifest), best first, and
+    ``model`` a module of their architecture that the weights are loaded into.
+
+    A failure midway leaves nothing half-made: the soup run is marked
+    ``mlflow_ema.incomplete=true`` and deleted with its artifacts and models, and the
+    version (and the registered model, if this call created it) is deleted; the error says so."""
+    import mlflow
+
+    check_model_name(name)
+    if alias:
+        check_alias(alias)
+    load_weights(model, state_dict, what="the averaged weights")
+    existed = _registered_model_exists(name)
+    made: dict[str, Any] = {}
+    try:
+        return _log_and_register(state_dict, members, model=model, name=name, alias=alias,
+                                 experiment_id=experiment_id, strategy=strategy, metric=metric, params=params,
+                                 soup_value=soup_value, max_shard_size=max_shard_size, made=made)  # fmt: skip
+    except BaseException as e:
+        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == made.get("run_id"):
+            mlflow.end_run("FAILED")
+        cleaned = _clean_up(made, name, created_model=not existed)
+        if not isinstance(e, Exception):
+            raise
+        raise RegistryError(f"registering the soup failed ({_first_line(e)}); {cleaned}") from e
+
+
+def _log_and_register(
+    state_dict: Mapping[str, torch.Tensor],
+    members: Sequence[tuple[Candidate, float, Manifest]],
+    *,
+    model: torch.nn.Module,
+    name: str,
+    alias: str | None,
+    experiment_id: str,
+    strategy: str,
+    metric: str,
+    params: Mapping[str, Any],
+    soup_value: float | None,
+    max_shard_size: int | str | None,
+    made: dict[str, Any],
+) -> RegisteredSoup:
+    """The steps of :func:`register_soup`; ``made`` records what exists so far, for clean-up."""
     import mlflow
     from mlflow import MlflowClient
 
-    check_model_name(name)
-    client = MlflowClient()
-    first = members[0][0]
-    model = build_model(
-        client.get_run(first.run_id).data.tags, model_factory=model_factory, model_kwargs=model_kwargs
-    )
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise IncompatibleModelError(
-            f"the averaged weights do not fit the recorded model: {str(e).splitlines()[0]}"
-        ) from None
     fingerprints = {m.init_fingerprint for _, _, m in members}
     sources = [
         {"run_id": c.run_id, "model_id": c.model_id, "step": c.step, "value": c.value, "weight": w,
@@ -107,6 +162,7 @@ def register_soup(
         mlflow.start_run(experiment_id=experiment_id, run_name=f"soup-{name}") as run,
         tempfile.TemporaryDirectory() as tmp,
     ):
+        made["run_id"] = run.info.run_id
         mlflow.log_params(
             {**{k: _param(v) for k, v in params.items()}, "strategy": strategy, "members": len(members)}
         )
@@ -124,8 +180,7 @@ def register_soup(
             max_shard_size=max_shard_size,
         )
         mlflow.log_artifacts(str(Path(tmp) / "soup"), artifact_path="soup")
-        chart = _chart(members, metric, soup_value, Path(tmp) / "soup.png")
-        mlflow.log_artifact(str(chart))
+        mlflow.log_artifact(str(_chart(members, metric, soup_value, Path(tmp) / "soup.png")))
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -136,13 +191,88 @@ def register_soup(
         tags = {TAG_SOURCES: json.dumps(sources), TAG_STRATEGY: strategy, TAG_SHA256: sha256,
                 "mlflow_ema.version": __version__}  # fmt: skip
         version = mlflow.register_model(info.model_uri, name, tags=tags)
+        made["version"] = version.version
         if alias:
-            try:
-                client.set_registered_model_alias(name, alias, version.version)
-            except Exception:
-                client.delete_model_version(name, version.version)  # no half-made version
-                raise
+            MlflowClient().set_registered_model_alias(name, alias, version.version)
     return RegisteredSoup(run.info.run_id, info.model_uri, name, str(version.version), alias, sha256)
+
+
+def _registered_model_exists(name: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def _clean_up(made: Mapping[str, Any], name: str, *, created_model: bool) -> str:
+    """Remove what a failed registration made; returns what was done, for the error."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    done, left = [], []
+    steps: list[tuple[str, Any]] = []
+    if made.get("version") is not None:
+        steps.append(
+            (f"deleted version {made['version']}", lambda: client.delete_model_version(name, made["version"]))
+        )
+    if created_model:
+        steps.append((f"deleted the new registered model {name!r}", lambda: _delete_if_empty(client, name)))
+    run_id = made.get("run_id")
+    if run_id:
+        steps += [
+            ("", lambda: client.set_tag(run_id, TAG_INCOMPLETE, "true")),
+            ("", lambda: _delete_run_models(client, run_id)),
+            ("", lambda: _delete_run_artifacts(client, run_id)),
+            (f"deleted the soup run {run_id} and its artifacts", lambda: client.delete_run(run_id)),
+        ]
+    for what, step in steps:
+        try:
+            if step() is not False and what:
+                done.append(what)
+        except Exception as e:  # the store may be what failed: say what is left
+            left.append(f"{what or 'clean-up'} failed: {_first_line(e)}")
+    if left and run_id:
+        left.append(f"soup run {run_id} is tagged {TAG_INCOMPLETE}=true and is never used")
+    summary = "; ".join(done) if done else "nothing had been written"
+    if not made.get("version"):
+        summary += "; nothing was registered"
+    return summary + ("" if not left else " (" + "; ".join(left) + ")")
+
+
+def _delete_if_empty(client: Any, name: str) -> bool:
+    if client.search_model_versions(f"name = '{name}'"):
+        return False
+    client.delete_registered_model(name)
+    return True
+
+
+def _delete_run_models(client: Any, run_id: str) -> None:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for logged in client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    ):
+        with contextlib.suppress(Exception):  # the soft delete below is what counts
+            get_artifact_repository(logged.artifact_location).delete_artifacts()
+        client.delete_logged_model(logged.model_id)
+
+
+def _delete_run_artifacts(client: Any, run_id: str) -> None:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "message", None) or error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 def _param(value: Any) -> str:
@@ -200,60 +330,90 @@ def promote(
     copy_to: str | None = None,
 ) -> Promotion:
     """Point alias ``to`` of ``name`` at ``version`` (or at what ``from_alias`` points to),
-    optionally only when its recorded ``if_better`` metric beats the current holder's.
-    Records what was promoted, from where and when as version tags; ``copy_to`` also
-    copies the version to another registered model and sets the alias there."""
+    optionally only when its recorded ``if_better`` metric beats the current holder's (a
+    version that did not record it is refused). Records what was promoted, from where and
+    when as version tags; ``copy_to`` also copies the version to another registered model
+    and sets the alias there. Every name is checked before anything is written, and the copy
+    is made before the alias moves."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    check_promotion(name, to=to, version=version, from_alias=from_alias, if_better=if_better, mode=mode,
+                     copy_to=copy_to)  # fmt: skip
+    client = MlflowClient()
+    candidate = _version_to_promote(client, name, version, from_alias)
+    try:
+        holder = client.get_model_version_by_alias(name, to)
+    except MlflowException:
+        holder = None
+    if holder is not None and holder.version == candidate.version:
+        return Promotion(
+            name, candidate.version, to, False, f"{to} already points to version {candidate.version}"
+        )
+    if if_better:
+        new = _recorded(client, candidate, if_better)
+        if new is None:
+            raise RegistryError(
+                f"version {candidate.version} of {name!r} has no recorded {if_better!r}: --if-better cannot "
+                "compare it (was the soup scored with --eval?)"
+            )
+        old = None if holder is None else _recorded(client, holder, if_better)
+        if old is not None and not (new > old if mode == "max" else new < old):
+            return Promotion(name, candidate.version, to, False,
+                             f"{if_better} {new:.6g} does not beat version {holder.version}'s {old:.6g}")  # fmt: skip
+    copied = _copy_version(client, name, candidate.version, copy_to, to) if copy_to else None
+    client.set_registered_model_alias(name, to, candidate.version)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    source = f"alias {from_alias}" if from_alias else f"version {candidate.version}"
+    for key, value in {TAG_PROMOTED_TO: to, TAG_PROMOTED_FROM: source, TAG_PROMOTED_AT: stamp,
+                       TAG_REPLACED: holder.version if holder else ""}.items():  # fmt: skip
+        client.set_model_version_tag(name, candidate.version, key, value)
+    reason = f"{to} -> version {candidate.version} (was {holder.version if holder else 'unset'})"
+    return Promotion(name, candidate.version, to, True, reason, holder.version if holder else None, copied)
+
+
+def check_promotion(
+    name: str, *, to: str, version: str | None, from_alias: str | None, if_better: str | None, mode: str,
+    copy_to: str | None,
+) -> None:  # fmt: skip
+    """Every input of :func:`promote` that can be checked before a request."""
     if (version is None) == (from_alias is None):
         raise RegistryError("give exactly one of --version and --from-alias")
     if mode not in ("max", "min"):
         raise RegistryError(f"--mode must be max or min, got {mode!r}")
     check_model_name(name)
-    client = MlflowClient()
+    check_alias(to, option="--to")
+    if from_alias is not None:
+        check_alias(from_alias, option="--from-alias", reserved=False)
+    if version is not None and not str(version).strip().isdigit():
+        raise RegistryError(f"--version must be a version number, got {version!r}")
+    if if_better is not None:
+        check_metric_name(if_better, option="--if-better metric")
+    if copy_to is not None:
+        check_model_name(copy_to, option="--copy-to name")
+        if copy_to == name:
+            raise RegistryError("--copy-to must name another registered model")
+
+
+def _version_to_promote(client: Any, name: str, version: str | None, from_alias: str | None) -> Any:
+    from mlflow.exceptions import MlflowException
+
     try:
-        candidate = (
-            client.get_model_version_by_alias(name, from_alias)
-            if from_alias
-            else client.get_model_version(name, version)
-        )
+        if from_alias:
+            return client.get_model_version_by_alias(name, from_alias)
+        return client.get_model_version(name, str(version).strip())
     except MlflowException as e:
         what = f"alias {from_alias!r}" if from_alias else f"version {version}"
         raise RegistryError(f"registered model {name!r} has no {what} ({e.error_code})") from None
-    try:
-        holder = client.get_model_version_by_alias(name, to)
-    except MlflowException:
-        holder = None
-    source = f"alias {from_alias}" if from_alias else f"version {candidate.version}"
-    if holder is not None and holder.version == candidate.version:
-        return Promotion(
-            name, candidate.version, to, False, f"{to} already points to version {candidate.version}"
-        )
-    if if_better and holder is not None:
-        new, old = _recorded(client, candidate, if_better), _recorded(client, holder, if_better)
-        if new is None:
-            raise RegistryError(f"version {candidate.version} of {name!r} has no recorded {if_better!r}")
-        if old is not None and not (new > old if mode == "max" else new < old):
-            return Promotion(name, candidate.version, to, False,
-                             f"{if_better} {new:.6g} does not beat version {holder.version}'s {old:.6g}")  # fmt: skip
-    client.set_registered_model_alias(name, to, candidate.version)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for key, value in {TAG_PROMOTED_TO: to, TAG_PROMOTED_FROM: source, TAG_PROMOTED_AT: stamp,
-                       TAG_REPLACED: holder.version if holder else ""}.items():  # fmt: skip
-        client.set_model_version_tag(name, candidate.version, key, value)
-    copied = None
-    if copy_to:
-        check_model_name(copy_to)
-        try:
-            client.get_registered_model(copy_to)
-        except MlflowException:
-            client.create_registered_model(copy_to)
-        copy = client.copy_model_version(f"models:/{name}/{candidate.version}", copy_to)
-        client.set_registered_model_alias(copy_to, to, copy.version)
-        copied = f"{copy_to} version {copy.version}"
-    reason = f"{to} -> version {candidate.version} (was {holder.version if holder else 'unset'})"
-    return Promotion(name, candidate.version, to, True, reason, holder.version if holder else None, copied)
+
+
+def _copy_version(client: Any, name: str, version: str, copy_to: str, alias: str) -> str:
+    """Copy a version to registered model ``copy_to`` (created if need be), alias it there."""
+    if not _registered_model_exists(copy_to):
+        client.create_registered_model(copy_to)
+    copy = client.copy_model_version(f"models:/{name}/{version}", copy_to)
+    client.set_registered_model_alias(copy_to, alias, copy.version)
+    return f"{copy_to} version {copy.version}"
 
 
 def _recorded(client: Any, version: Any, metric: str) -> float | None:

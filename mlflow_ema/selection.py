@@ -150,6 +150,7 @@ def select(
             checkpoint=checkpoint,
             top_k=top_k,
             min_k=min_k,
+            statuses=statuses,
         )
     if not experiments:
         raise SelectionError("name at least one --experiment, or a --run")
@@ -196,11 +197,18 @@ def _select_in_run(
     checkpoint: str,
     top_k: int,
     min_k: int | None,
+    statuses: Sequence[str],
 ) -> Selection:
     try:
         run = client.get_run(run_id)
     except Exception:
         raise SelectionError(f"unknown run {run_id!r}") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise SelectionError(f"run {run_id} is deleted: restore it (mlflow runs restore) to average it")
+    if statuses and run.info.status not in statuses:
+        raise SelectionError(
+            f"run {run_id} is {run.info.status}, not {'/'.join(statuses)} (--status {run.info.status} to take it)"
+        )
     names = {run_id: run.info.run_name}
     candidates = [
         _candidate(m, metric, names) for m in _checkpoints(client, [run.info.experiment_id], kind, {run_id})

@@ -8,6 +8,7 @@ each other before any arithmetic, and the model version is created last.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,12 +16,13 @@ from typing import Any
 
 import torch
 
-from mlflow_ema.architecture import build_model, resolve_callable
+from mlflow_ema.architecture import build_model, load_weights
 from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, parse_size, read_manifest, save_checkpoint
 from mlflow_ema.errors import MlflowEmaError
-from mlflow_ema.registry import RegisteredSoup, check_model_name, register_soup
+from mlflow_ema.registry import RegisteredSoup, check_alias, check_model_name, register_soup
 from mlflow_ema.selection import Candidate, Selection, select
 from mlflow_ema.soup import AveragingError, Member, average, greedy_soup, normalized_weights
+from mlflow_ema.trust import resolve_callable, trusted_prefixes
 
 DTYPES = {
     "float32": torch.float32,
@@ -57,6 +59,8 @@ class AverageOptions:
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE  # the soup's files (None: one file)
     model_factory: str | None = None
     model_kwargs: dict | None = None
+    # module prefixes whose callables recorded on runs may be imported (plus $MLFLOW_EMA_TRUST_MODULES)
+    trust_modules: Sequence[str] = ()
 
 
 @dataclasses.dataclass
@@ -71,10 +75,19 @@ class AverageResult:
     output: str | None = None
 
 
-def plan(options: AverageOptions) -> Selection:
-    """The selection alone (``--dry-run``), after the checks that need no download."""
+def check_options(options: AverageOptions) -> None:
+    """Everything about the options that can be checked before any work or write."""
     if options.register_as:
         check_model_name(options.register_as)
+    if options.alias:
+        if not options.register_as:
+            raise MlflowEmaError("--alias needs --register-as")
+        check_alias(options.alias, option="--alias")
+    if options.output:
+        check_new_folder(options.output, option="--output")
+    if options.model_kwargs is not None and not isinstance(options.model_kwargs, dict):
+        raise MlflowEmaError("--model-kwargs must be a JSON object of keyword arguments")
+    trusted_prefixes(options.trust_modules)  # well-formed
     if options.strategy not in ("uniform", "greedy"):
         raise MlflowEmaError(f"--strategy must be uniform or greedy, got {options.strategy!r}")
     if options.strategy == "greedy" and not options.eval_fn:
@@ -83,12 +96,27 @@ def plan(options: AverageOptions) -> Selection:
         raise MlflowEmaError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     if options.accumulate not in ("float32", "float64"):
         raise MlflowEmaError(f"--accumulate must be float32 or float64, got {options.accumulate!r}")
-    if options.alias and not options.register_as:
-        raise MlflowEmaError("--alias needs --register-as")
     try:
         parse_size(options.max_shard_size)
     except ValueError as e:
         raise MlflowEmaError(str(e).replace("max_shard_size", "--max-shard-size", 1)) from None
+
+
+def check_new_folder(path: str | os.PathLike, *, option: str) -> None:
+    """``path`` does not exist yet, and the nearest folder above it that does is writable."""
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        raise MlflowEmaError(f"{option} {target} already exists: give a new folder (nothing is overwritten)")
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MlflowEmaError(f"{option} {target}: cannot create it, {parent} is not a writable folder")
+
+
+def plan(options: AverageOptions) -> Selection:
+    """The selection alone (``--dry-run``), after the checks that need no download."""
+    check_options(options)
     return select(
         experiments=options.experiments, metric=options.metric, mode=options.mode, kind=options.kind,
         checkpoint=options.checkpoint, top_k=options.top_k, min_k=options.min_k,
@@ -102,58 +130,29 @@ def average_runs(
     selection: Selection | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> AverageResult:
-    """Average the selected checkpoints and, with ``register_as``, register the result."""
-    import mlflow
+    """Average the selected checkpoints and, with ``register_as``, register the result.
 
+    The model is rebuilt (from the run's record, if trusted, or ``model_factory``) once, and
+    before any download, when registering, scoring (``eval_fn``) or ``update_bn`` needs it."""
     if not options.register_as and not options.output:
         raise MlflowEmaError("nothing to produce: give --register-as NAME and/or --output DIR")
     selection = selection or plan(options)
     candidates = selection.candidates
     weights = _weights(options.weights, candidates)
     result = AverageResult(selection)
-    kwargs = {
-        "accumulate": DTYPES[options.accumulate],
-        "dtype": DTYPES[options.dtype] if options.dtype else None,
-        "allow_different_init": options.allow_different_init,
-    }
-
-    def report(done: int, total: int) -> None:
-        if progress:
-            progress("averaging", done, total)
-
-    tags = mlflow.MlflowClient().get_run(candidates[0].run_id).data.tags
-
-    def new_model() -> torch.nn.Module:
-        return build_model(tags, model_factory=options.model_factory, model_kwargs=options.model_kwargs)
-
-    if options.register_as or options.eval_fn or options.update_bn:
-        new_model()  # can the recorded architecture be rebuilt here? Find out before downloading.
+    model = (
+        _rebuild(options, candidates[0])
+        if options.register_as or options.eval_fn or options.update_bn
+        else None
+    )
+    score = _scorer(options.eval_fn, model) if options.eval_fn else None
+    loader = resolve_callable(options.update_bn) if options.update_bn else None
     with tempfile.TemporaryDirectory(prefix="mlflow-ema-average-") as tmp:
-        members = []
-        for i, candidate in enumerate(candidates):
-            folder = Path(tmp) / f"{i:03d}-{candidate.model_id}"
-            folder.mkdir()
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=candidate.artifact_location, dst_path=str(folder)
-            )
-            members.append(Member(Path(local), weight=weights[i], label=candidate.label))
-            if progress:
-                progress("downloading", i + 1, len(candidates))
-        score = _scorer(options.eval_fn, new_model) if options.eval_fn else None
+        members = _download(candidates, weights, Path(tmp), progress)
         by_path = {m.path: c for m, c in zip(members, candidates, strict=True)}
-        if options.strategy == "greedy":
-            kept, state, result.soup_value = greedy_soup(
-                members, score, mode=options.mode,
-                on_trial=lambda m, v, keep: None if keep else result.rejected.append((by_path[m.path], v)),
-                **kwargs,
-            )  # fmt: skip
-            used = kept
-            manifests = [read_manifest(m.path) for m in kept]
-        else:
-            state, manifests = average(members, progress=report, **kwargs)
-            used = members
-        if options.update_bn:
-            state = _update_bn(state, options.update_bn, new_model)
+        state, used, manifests = _combine(options, members, score, result, by_path, progress)
+        if loader is not None:
+            state = _update_bn(state, loader, model)
         if score is not None and result.soup_value is None:
             result.soup_value = score(state)
         final_weights = normalized_weights([m.weight for m in used])
@@ -164,16 +163,83 @@ def average_runs(
                             max_shard_size=options.max_shard_size)  # fmt: skip
             result.output = options.output
         if options.register_as:
-            experiment_id = mlflow.MlflowClient().get_run(candidates[0].run_id).info.experiment_id
-            result.registered = register_soup(
-                state,
-                [(c, w, m) for (c, w), m in zip(result.members, manifests, strict=True)],
-                name=options.register_as, alias=options.alias, experiment_id=experiment_id,
-                strategy=options.strategy, metric=options.metric, soup_value=result.soup_value,
-                model_factory=options.model_factory, model_kwargs=options.model_kwargs,
-                params=_params(options, result), max_shard_size=options.max_shard_size,
-            )  # fmt: skip
+            result.registered = _register(options, result, state, manifests, model)
     return result
+
+
+def _rebuild(options: AverageOptions, first: Candidate) -> torch.nn.Module:
+    """The module the soup's weights go into, built from what the best member's run recorded."""
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_run(first.run_id).data.tags
+    return build_model(tags, run_id=first.run_id, model_factory=options.model_factory,
+                       model_kwargs=options.model_kwargs, trusted=trusted_prefixes(options.trust_modules))  # fmt: skip
+
+
+def _download(
+    candidates: list[Candidate],
+    weights: list[float],
+    tmp: Path,
+    progress: Callable[[str, int, int], None] | None,
+) -> list[Member]:
+    import mlflow
+
+    members = []
+    for i, candidate in enumerate(candidates):
+        folder = tmp / f"{i:03d}-{candidate.model_id}"
+        folder.mkdir()
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=candidate.artifact_location, dst_path=str(folder)
+        )
+        members.append(Member(Path(local), weight=weights[i], label=candidate.label))
+        if progress:
+            progress("downloading", i + 1, len(candidates))
+    return members
+
+
+def _combine(
+    options: AverageOptions,
+    members: list[Member],
+    score: Callable[[dict], float] | None,
+    result: AverageResult,
+    by_path: dict[Path, Candidate],
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[dict, list[Member], list]:
+    """The averaged state, the members used and their manifests (uniform or greedy)."""
+    kwargs = {
+        "accumulate": DTYPES[options.accumulate],
+        "dtype": DTYPES[options.dtype] if options.dtype else None,
+        "allow_different_init": options.allow_different_init,
+    }
+    if options.strategy == "greedy":
+        kept, state, result.soup_value = greedy_soup(
+            members, score, mode=options.mode,
+            on_trial=lambda m, v, keep: None if keep else result.rejected.append((by_path[m.path], v)),
+            **kwargs,
+        )  # fmt: skip
+        return state, kept, [read_manifest(m.path) for m in kept]
+
+    def report(done: int, total: int) -> None:
+        if progress:
+            progress("averaging", done, total)
+
+    state, manifests = average(members, progress=report, **kwargs)
+    return state, members, manifests
+
+
+def _register(
+    options: AverageOptions, result: AverageResult, state: dict, manifests: list, model: torch.nn.Module
+) -> RegisteredSoup:
+    import mlflow
+
+    experiment_id = mlflow.MlflowClient().get_run(result.members[0][0].run_id).info.experiment_id
+    return register_soup(
+        state,
+        [(c, w, m) for (c, w), m in zip(result.members, manifests, strict=True)],
+        model=model, name=options.register_as, alias=options.alias, experiment_id=experiment_id,
+        strategy=options.strategy, metric=options.metric, soup_value=result.soup_value,
+        params=_params(options, result), max_shard_size=options.max_shard_size,
+    )  # fmt: skip
 
 
 def _weights(spec: str, candidates: list[Candidate]) -> list[float]:
@@ -197,29 +263,32 @@ def _weights(spec: str, candidates: list[Candidate]) -> list[float]:
     return normalized_weights(values)
 
 
-def _scorer(spec: str, new_model: Callable[[], torch.nn.Module]) -> Callable[[dict], float]:
+def _scorer(spec: str, model: torch.nn.Module) -> Callable[[dict], float]:
+    """``score(state)``: the user's function on ``model`` holding ``state`` (one module, reloaded)."""
     evaluate = resolve_callable(spec)
 
     def score(state: dict) -> float:
-        model = new_model()
-        model.load_state_dict(state)
+        load_weights(model, state, what="the averaged weights")
         model.eval()
         with torch.no_grad():
-            value = float(evaluate(model))
+            value = evaluate(model)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise MlflowEmaError(f"--eval {spec} must return a number, got {type(value).__name__}") from None
         if value != value:
-            raise MlflowEmaError(f"{spec} returned NaN")
+            raise MlflowEmaError(f"--eval {spec} returned NaN")
         return value
 
     return score
 
 
-def _update_bn(state: dict, spec: str, new_model: Callable[[], torch.nn.Module]) -> dict:
+def _update_bn(state: dict, loader: Callable[[], Any], model: torch.nn.Module) -> dict:
     """Recompute BatchNorm statistics on the user's data (``torch.optim.swa_utils.update_bn``)."""
     from torch.optim.swa_utils import update_bn
 
-    model = new_model()
-    model.load_state_dict(state)
-    update_bn(resolve_callable(spec)(), model)
+    load_weights(model, state, what="the averaged weights")
+    update_bn(loader(), model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

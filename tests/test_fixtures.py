@@ -125,6 +125,7 @@ def store(request, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.syspath_prepend(str(REPO))  # the recorded factory: examples.train_digits:build_model
+    monkeypatch.setenv("MLFLOW_EMA_TRUST_MODULES", "examples")
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     mlflow.set_tracking_uri(None)
     yield Store(copy, info)

@@ -61,7 +61,7 @@ def sweep(mlflow_server, tmp_path_factory):
         _SESSION.reset()
         average = cli(
             mlflow_server, "average", "-e", "http", "--filter", "attributes.run_name LIKE 'ft-%'",
-            "--top-k", "3", "--eval", "examples.train_digits:val_accuracy",
+            "--top-k", "3", "--eval", "examples.train_digits:val_accuracy", "--trust-module", "examples",
             "--register-as", MODEL, "--alias", "candidate", "--json",
         )  # fmt: skip
         assert average.returncode == 0, average.stderr
