@@ -61,17 +61,20 @@ def build_model(
     ``model_factory`` when the user gives one. A recorded callable is imported only when its
     module is under one of the ``trusted`` prefixes."""
     check_rebuildable(tags, run_id=run_id, model_factory=model_factory, trusted=trusted)
+    recorded = recorded_builder(tags)
     if model_factory:
-        factory = resolve_callable(model_factory)
-        recorded = recorded_builder(tags)
-        kwargs = (
-            model_kwargs if model_kwargs is not None else _kwargs(recorded[2] if recorded else "{}", run_id)
-        )
+        spec, factory = model_factory, resolve_callable(model_factory)
     else:
-        kind, spec, raw_kwargs = recorded_builder(tags)  # type: ignore[misc]  # checked above
+        kind, spec, _ = recorded  # type: ignore[misc]  # checked above
         factory = resolve_callable(spec, trusted=trusted, what=f"run {run_id} recorded {kind}")
-        kwargs = model_kwargs if model_kwargs is not None else _kwargs(raw_kwargs, run_id)
-    return factory(**kwargs)
+    kwargs = model_kwargs if model_kwargs is not None else _kwargs(recorded[2] if recorded else "{}", run_id)
+    try:
+        return factory(**kwargs)
+    except Exception as e:  # the user's code: say which call failed, in one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise MlflowEmaError(
+            f"building the model with {spec}(**{kwargs}) failed: {type(e).__name__}: {first}"
+        ) from e
 
 
 def _kwargs(text: str, run_id: str) -> dict[str, Any]:
