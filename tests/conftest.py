@@ -108,3 +108,35 @@ def mlflow_server(tmp_path_factory):
     proc, uri = start_server(tmp_path_factory.mktemp("mlflow-server"))
     yield uri
     stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory, digits):
+    """A sqlite store with experiment ``sweep``: runs ``a`` (ema/val_acc 0.1) and ``b`` (0.05)
+    fine-tuned from one init for 5 steps, each with one raw and one EMA checkpoint, recording
+    the factory ``helpers:make_net`` with ``hidden=16``. Returns (folder, uri). Tests that
+    change it put it back."""
+    from helpers import make_net, train_steps
+
+    import mlflow_ema
+    from mlflow_ema.tracking import _SESSION
+
+    folder = tmp_path_factory.mktemp("small-sweep")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    previous = Path.cwd()
+    os.chdir(folder)
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment("sweep")
+        for name, lr in (("a", 0.1), ("b", 0.05)):
+            model = make_net(hidden=16)
+            opt = torch.optim.SGD(model.parameters(), lr=lr)
+            mlflow_ema.watch(model, opt, model_factory="helpers:make_net", model_kwargs={"hidden": 16})
+            with mlflow.start_run(run_name=name):
+                train_steps(model, opt, digits, 5)
+                mlflow_ema.log_checkpoint(metrics={"ema/val_acc": lr})
+            _SESSION.reset()
+    finally:
+        os.chdir(previous)
+        mlflow.set_tracking_uri(None)
+    return folder, uri

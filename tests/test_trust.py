@@ -13,43 +13,20 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
-from helpers import make_net, train_steps
 from mlflow import MlflowClient
 from mlflow_ema.cli import main
 
-import mlflow_ema
 from mlflow_ema import AverageOptions, MlflowEmaError, average_runs
-from mlflow_ema.tracking import _SESSION
 
 FACTORY = "mlflow_ema.model_factory"
 KWARGS = "mlflow_ema.model_kwargs"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, digits):
-    """Two runs fine-tuned from one init, recording the factory tests/helpers.py:make_net."""
-    folder = tmp_path_factory.mktemp("trust")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    previous = Path.cwd()
-    os.chdir(folder)
-    mlflow.set_tracking_uri(uri)
-    try:
-        mlflow.set_experiment("sweep")
-        for name, lr in (("a", 0.1), ("b", 0.05)):
-            model = make_net(hidden=16)
-            opt = torch.optim.SGD(model.parameters(), lr=lr)
-            mlflow_ema.watch(model, opt, model_factory="helpers:make_net", model_kwargs={"hidden": 16})
-            with mlflow.start_run(run_name=name):
-                train_steps(model, opt, digits, 5)
-                mlflow_ema.log_checkpoint(metrics={"ema/val_acc": lr})
-            _SESSION.reset()
-    finally:
-        os.chdir(previous)
-        mlflow.set_tracking_uri(None)
-    return folder, uri
+def store(small_sweep):
+    return small_sweep
 
 
 @pytest.fixture
