@@ -28,7 +28,9 @@ def one_line(error: Exception) -> str:
     first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
     from mlflow_ema.errors import MlflowEmaError
 
-    expected = isinstance(error, MlflowEmaError) or type(error).__name__ == "MlflowException"
+    expected = isinstance(error, MlflowEmaError) or any(
+        c.__name__ == "MlflowException" for c in type(error).__mro__
+    )
     if not expected:  # a bug or an unexpected failure: say what it is, and how to see more
         first = f"{type(error).__name__}: {first} (--debug shows the traceback)"
     return first[:500]
