@@ -40,8 +40,23 @@ import torch
 
 from mlflow_ema.architecture import RUN_TAG_MODEL_HPARAMS
 from mlflow_ema.ema import EMA
+from mlflow_ema.safety import BOUNDARY, LIGHTNING, LIGHTNING_ENTRY
 from mlflow_ema.schedules import DecaySchedule
 from mlflow_ema.tracking import _SESSION, _active_run, _Watched
+
+
+def _run_in(*args: Any, **kwargs: Any) -> tuple[str, str] | None:
+    """The run of the Trainer among a hook's arguments: where an error of the callback is recorded."""
+    for arg in args:
+        if isinstance(arg, pl.Trainer):
+            return _run_of(arg)
+    return None
+
+
+# Every hook of the callback runs behind the safety boundary (mlflow_ema.safety): an error of
+# its own gives the model its raw weights back and switches the callback off; training goes on.
+_hook = BOUNDARY.guarded(LIGHTNING, on_error=lambda self, *_, **__: self._detach(), run_of=_run_in)
+_cleanup = BOUNDARY.guarded(LIGHTNING, always=True, run_of=_run_in)  # runs even when off
 
 
 class EMACallback(pl.Callback):
@@ -99,6 +114,7 @@ class EMACallback(pl.Callback):
         # stateful callbacks with the same key
         return self._generate_state_key(auto=True) if self._auto else super().state_key
 
+    @_hook
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self._active(trainer):
             return
@@ -114,6 +130,7 @@ class EMACallback(pl.Callback):
         self._watched = _SESSION.add(pl_module, [], owner="lightning", ema=self.ema)
         self._watched.run_tags[RUN_TAG_MODEL_HPARAMS] = json.dumps(_plain(dict(pl_module.hparams)))
 
+    @_hook
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watched is None:
             return
@@ -123,9 +140,11 @@ class EMACallback(pl.Callback):
         for optimizer in trainer.optimizers:
             _SESSION.by_optimizer[optimizer] = self._watched
 
+    @_cleanup
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
 
+    @_cleanup
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -140,6 +159,7 @@ class EMACallback(pl.Callback):
 
     # -- the EMA ----------------------------------------------------------------------------
 
+    @_hook
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._watched is None or trainer.global_step <= self._last_step:
             return  # gradient accumulation: no optimizer step in this batch
@@ -149,6 +169,7 @@ class EMACallback(pl.Callback):
         run = _run_of(trainer)
         self._watched.run_id = run[0] if run else None
 
+    @_hook
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watched is None or not self.validate_with_ema or trainer.sanity_checking:
             return
@@ -156,6 +177,7 @@ class EMACallback(pl.Callback):
         self._swap.enter_context(self.ema.swap())
         self._swap.enter_context(_SESSION.prefix_metrics())
 
+    @_hook
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swap is not None:
             # Whoever logs these later (mlflow.pytorch.autolog, at epoch end) logs EMA values.
@@ -170,12 +192,14 @@ class EMACallback(pl.Callback):
         ):
             self._checkpoint(trainer, epoch=trainer.current_epoch + 1)
 
+    @_hook
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watched is None:
             return
         if self.checkpoint_at_end and self.ema.step > 0:
             # after fit, current_epoch counts the epochs run (a last partial one included)
             self._checkpoint(trainer, epoch=trainer.current_epoch)
+        _SESSION.settle(self._watched)  # scheduler states the checkpoints wait for: no step comes now
         run = _run_of(trainer)
         if run is not None:
             _SESSION.uploader.flush(run[0])
@@ -191,9 +215,11 @@ class EMACallback(pl.Callback):
 
     # -- Lightning checkpoints ----------------------------------------------------------------
 
+    @BOUNDARY.guarded(LIGHTNING, default=dict)
     def state_dict(self) -> dict[str, Any]:
         return {} if self.ema is None else {"ema": self.ema.state_dict(), "last_step": self._last_step}
 
+    @_hook
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             if self.ema is not None:
@@ -202,6 +228,7 @@ class EMACallback(pl.Callback):
             else:
                 self._restored = state_dict
 
+    @_hook
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -246,8 +273,10 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+@BOUNDARY.guarded(LIGHTNING_ENTRY, default=list)
 def autolog_callbacks() -> list[pl.Callback]:
-    """Lightning's ``callbacks_factory`` entry point: the callback, while autolog is on."""
+    """Lightning's ``callbacks_factory`` entry point: the callback, while autolog is on (none
+    when it fails: the Trainer is still built)."""
     if not _SESSION.autolog_on:
         return []
     c = _SESSION.config

@@ -15,6 +15,10 @@ counts epochs as exhausted ``DataLoader`` iterators during which the optimizer
 stepped. When a run ends (``with mlflow.start_run()`` exits, ``mlflow.end_run()``, or
 Lightning's MLFlowLogger finishing), a last checkpoint is taken (``checkpoint_at_end``)
 and every checkpoint of the run is uploaded before the run is marked finished.
+
+Every hook and patch runs behind :mod:`mlflow_ema.safety`'s boundary: an error of
+mlflow-ema's own switches that part off with one warning and the run tag
+``mlflow_ema.errors``, and never breaks the training step, the metric logged or the run's end.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import inspect
 import json
 import logging
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -44,13 +49,25 @@ from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, parse_size
 from mlflow_ema.ema import EMA, is_sharded, unwrap_model
 from mlflow_ema.errors import CheckpointError, IncompatibleModelError, MlflowEmaError
 from mlflow_ema.ledger import EMA_PREFIX, Ledger
+from mlflow_ema.safety import (
+    BOUNDARY,
+    EPOCHS,
+    EXIT_FLUSH,
+    LOG_BATCH,
+    LOG_METRIC,
+    POST_STEP,
+    PRE_STEP,
+    RUN_END,
+    SHARDED,
+    WATCH,
+)
 from mlflow_ema.schedules import DecaySchedule, WarmupDecay
 from mlflow_ema.snapshot import (
     Later,
     MergedParts,
     Snapshot,
     gather_sharded,
-    save_sharded_parts,
+    save_part,
     take_snapshot,
 )
 from mlflow_ema.uploader import (
@@ -111,6 +128,7 @@ class _Watched:
     owner: str  # "autolog" (found by the hooks), "watch" or "lightning"
     run_tags: dict[str, str]
     epoch: int = 0
+    steps: int = 0  # optimizer steps the hooks saw: when step checkpoints are due
     run_id: str | None = None  # the active run during its last step
     sharded: bool = False  # DTensor parameters (FSDP2): checkpoints gather, on every rank
     gathered_step: int | None = None  # a sharded model's last checkpointed step, on every rank
@@ -179,51 +197,9 @@ class _Session:
             return
         from mlflow import MlflowClient
 
-        session = self
-        log_metric, log_batch, set_terminated = (
-            MlflowClient.log_metric,
-            MlflowClient.log_batch,
-            MlflowClient.set_terminated,
-        )
-        sig_metric, sig_batch = inspect.signature(log_metric), inspect.signature(log_batch)
-
-        def patched_log_metric(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread() is session.uploader._thread:
-                return log_metric(*args, **kwargs)
-            bound = sig_metric.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            a["key"] = session.prefixed(a["key"])
-            a["timestamp"] = a["timestamp"] or int(time.time() * 1000)  # known, so links dedupe
-            result = log_metric(*bound.args, **bound.kwargs)
-            session.observe(a["run_id"], [(a["key"], a["value"], a["step"] or 0, a["timestamp"])], a["self"])
-            return result
-
-        def patched_log_batch(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread() is session.uploader._thread:
-                return log_batch(*args, **kwargs)
-            bound = sig_batch.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            metrics = [_renamed(m, session.prefixed(m.key)) for m in a["metrics"] or ()]
-            a["metrics"] = metrics
-            result = log_batch(*bound.args, **bound.kwargs)
-            session.observe(
-                a["run_id"],
-                [(m.key, m.value, m.step, m.timestamp) for m in metrics if m.model_id is None],
-                a["self"],
-            )
-            return result
-
-        def patched_set_terminated(
-            self_client: Any, run_id: str, status: str | None = None, end_time: int | None = None
-        ) -> Any:
-            session.on_run_end(run_id, status, self_client.tracking_uri)
-            return set_terminated(self_client, run_id, status, end_time)
-
-        self.patch(MlflowClient, "log_metric", patched_log_metric)
-        self.patch(MlflowClient, "log_batch", patched_log_batch)
-        self.patch(MlflowClient, "set_terminated", patched_set_terminated)
+        self.patch(MlflowClient, "log_metric", _metric_patch(self, MlflowClient.log_metric))
+        self.patch(MlflowClient, "log_batch", _batch_patch(self, MlflowClient.log_batch))
+        self.patch(MlflowClient, "set_terminated", _run_end_patch(self, MlflowClient.set_terminated))
 
     def install_autolog(self) -> None:
         if self._global_hooks:
@@ -234,8 +210,8 @@ class _Session:
         )
 
         self._global_hooks = [
-            register_optimizer_step_pre_hook(self.before_step),
-            register_optimizer_step_post_hook(self.after_step),
+            register_optimizer_step_pre_hook(BOUNDARY.hook(PRE_STEP, self.before_step)),
+            register_optimizer_step_post_hook(BOUNDARY.hook(POST_STEP, self.after_step)),
         ]
         self.install_epoch_detection()
 
@@ -243,18 +219,17 @@ class _Session:
         from torch.utils.data.dataloader import _BaseDataLoaderIter
 
         original = _BaseDataLoaderIter.__next__
-        session = self
+        session, off = self, BOUNDARY.off
 
         def patched_next(self_iter: Any) -> Any:
+            if EPOCHS in off:  # once per batch: one dict lookup
+                return original(self_iter)
             if getattr(self_iter, "_num_yielded", 1) == 0:
-                self_iter._mlflow_ema_steps = session.train_steps
+                BOUNDARY.call(EPOCHS, _iterator_started, session, self_iter)
             try:
                 return original(self_iter)
-            except StopIteration:
-                started = getattr(self_iter, "_mlflow_ema_steps", None)
-                if started is not None and session.train_steps > started:
-                    self_iter._mlflow_ema_steps = None
-                    session.on_epoch_end()
+            except StopIteration:  # propagates, whatever happens at the epoch's end
+                BOUNDARY.call(EPOCHS, _iterator_done, session, self_iter)
                 raise
 
         self.patch(_BaseDataLoaderIter, "__next__", patched_next)
@@ -263,6 +238,7 @@ class _Session:
         """Back to a fresh session (tests, and a process that runs several jobs)."""
         self.uploader.close()
         self.uninstall()
+        BOUNDARY.reset()
         self.__init__()
 
     def uninstall(self) -> None:
@@ -281,6 +257,10 @@ class _Session:
         self.autolog_on = False
 
     # -- metrics ----------------------------------------------------------------------------
+
+    def on_upload_thread(self) -> bool:
+        """The upload thread's own MLflow calls are not renamed nor observed."""
+        return threading.current_thread() is self.uploader._thread
 
     @contextlib.contextmanager
     def prefix_metrics(self) -> Iterator[None]:
@@ -324,12 +304,19 @@ class _Session:
 
     def settle(self, w: _Watched | None = None) -> None:
         """Take the scheduler states that checkpoints of ``w`` (default: all) wait for."""
-        waiting, self._later = self._later, []
+        waiting, self._later, error = self._later, [], None
         for owner, later in waiting:
             if w is None or owner is w:
-                later.take([s.state_dict() for s in owner.schedulers])
+                states = []
+                try:
+                    states = [s.state_dict() for s in owner.schedulers]
+                except Exception as e:
+                    error = error or e
+                later.take(states)  # each one, whatever failed: the upload thread waits for it
             else:
                 self._later.append((owner, later))
+        if error is not None:
+            raise error
 
     def after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         w = self.by_optimizer.get(optimizer)
@@ -411,20 +398,32 @@ class _Session:
             )
         if schedulers is None:
             schedulers = find_schedulers(optimizers) if optimizers else []
-        w = _Watched(model, ema, list(optimizers), schedulers, name, owner, run_tags, sharded=sharded)
+        w = _Watched(
+            model, ema, list(optimizers), schedulers, name, owner, run_tags, steps=ema.step, sharded=sharded
+        )
         self.watched.append(w)
         return w
 
     # -- per step -----------------------------------------------------------------------------
 
     def step(self, w: _Watched) -> None:
+        """After an optimizer step of ``w``: the EMA update, then a step checkpoint when due.
+        A sharded model's update belongs to its collective part, and its step checkpoints
+        come on every rank alike whatever failed on one (the schedule counts steps itself)."""
+        w.steps += 1
+        if w.sharded:
+            BOUNDARY.call(SHARDED, self.update, w)
+        else:
+            self.update(w)
+        n = self.config.checkpoint_every_n_steps
+        if n and w.steps % n == 0:
+            self.checkpoint(w)
+
+    def update(self, w: _Watched) -> None:
         w.ema.update()
         self.train_steps += 1
         run = _active_run()
         w.run_id = run[0] if run else None
-        n = self.config.checkpoint_every_n_steps
-        if n and w.ema.step % n == 0:
-            self.checkpoint(w)
 
     def on_epoch_end(self) -> None:
         n = self.config.checkpoint_every_n_epochs
@@ -465,39 +464,41 @@ class _Session:
         """Snapshot the raw and EMA weights and queue them for upload. False if skipped.
 
         A sharded model is gathered first, by every rank at once (a collective): that part
-        decides alike on every rank, from the step alone. Only rank 0 writes."""
+        decides alike on every rank, from the step alone, and fails alike on every rank
+        (:func:`_sharded_states`). Only rank 0 writes."""
         step = w.ema.step if step is None else int(step)
-        gathered = None
-        if w.sharded:
-            if run is not None:  # a run ending on rank 0 alone: the other ranks cannot join a gather
-                if w.gathered_step != w.ema.step:
-                    self.warn_once(
-                        f"sharded-end-{id(w)}",
-                        "the model is sharded, so its checkpoints are gathered by every rank at once and "
-                        "cannot be taken when the run ends on rank 0: the last "
-                        f"{w.ema.step - (w.gathered_step or 0)} steps have no checkpoint (call "
-                        "mlflow_ema.log_checkpoint() on every rank before the run ends, or use "
-                        "checkpoint_every_n_epochs / checkpoint_every_n_steps)",
-                    )
-                return False
-            if w.gathered_step == step:
-                return False
-            w.gathered_step = step
-            if self.config.sharded_save_dir:
-                folder = Path(self.config.sharded_save_dir)
-                names = (f"{w.prefix}raw-step{step}", f"{w.prefix}ema-step{step}")
-                gathered = save_sharded_parts(w.model, w.ema, (folder / names[0], folder / names[1]))
-            else:
-                gathered = gather_sharded(w.model, w.ema)
+        if not w.sharded:
+            return self.queue(w, step, epoch, run, None)
+        if run is not None:  # a run ending on rank 0 alone: the other ranks cannot join a gather
+            if w.gathered_step != w.ema.step:
+                self.warn_once(
+                    f"sharded-end-{id(w)}",
+                    "the model is sharded, so its checkpoints are gathered by every rank at once and "
+                    "cannot be taken when the run ends on rank 0: the last "
+                    f"{w.ema.step - (w.gathered_step or 0)} steps have no checkpoint (call "
+                    "mlflow_ema.log_checkpoint() on every rank before the run ends, or use "
+                    "checkpoint_every_n_epochs / checkpoint_every_n_steps)",
+                )
+            return False
+        gathered = _sharded_states(w, step, self.config)
+        if gathered is None or not _rank_zero():
+            return False
+        queued = BOUNDARY.call(SHARDED, self.queue, w, step, epoch, None, gathered)
+        if queued is None:  # failed here: rank 0 says so at the next agreement
+            _discard(gathered)
+        return bool(queued)
+
+    def queue(
+        self, w: _Watched, step: int, epoch: int | None, run: tuple[str, str] | None, gathered: Any
+    ) -> bool:
+        """Rank 0: queue the checkpoint of ``step`` (``gathered``: a sharded model's full states)."""
         if not _rank_zero():
             return False
         run = run or _active_run()
         if run is None or self.ledger.has_checkpoint(run[0], step, w.prefix + "raw-"):
             if run is None:
                 self.warn_once("no-run", NO_RUN_MESSAGE)
-            for part in gathered or ():
-                if isinstance(part, MergedParts):
-                    part.discard()
+            _discard(gathered)
             return False
         run_id, tracking_uri = run
         epoch = (w.epoch or None) if epoch is None else int(epoch)
@@ -508,6 +509,7 @@ class _Session:
                 "log_training_state is not supported for sharded models yet: checkpoints hold the weights only",
             )
         elif self.config.log_training_state:
+            self.settle(w)  # states a broken pre-step hook left untaken: never keep the uploads waiting
             later = Later()
             self._later.append((w, later))
             training_state = take_snapshot(
@@ -579,6 +581,156 @@ class _Session:
             MlflowClient(tracking_uri).set_tag(run_id, RUN_TAG_UPLOAD_FAILURES, json.dumps(failures)[:5000])
         except Exception as e:  # the server may still be down: the warning above stands
             _logger.warning("mlflow-ema: could not tag run %s with its upload failures: %s", run_id, e)
+
+
+# -- checkpoints of sharded models: every rank at once, failing on every rank alike -------------
+
+
+def _sharded_states(w: _Watched, step: int, config: AutologConfig) -> Any:
+    """A sharded model's full raw and EMA states for rank 0 (the other ranks get empty dicts
+    or None), taken by every rank at once: gathered over the process group, or written by
+    every rank into ``sharded_save_dir`` and merged by rank 0 later. None: this step is taken
+    already, or the part is off. Every rank runs its own work behind the boundary and the
+    ranks agree (one ``all_reduce``) before the gather and after writing their parts, so a
+    failure on one rank switches the part off on all of them: none waits for the others."""
+    go, plan = BOUNDARY.prepare(SHARDED, _plan_sharded, w, step, config)
+    if not go or plan is None:
+        return None
+    if plan == ():
+        return BOUNDARY.call(SHARDED, gather_sharded, w.model, w.ema)
+    wrote = BOUNDARY.call(SHARDED, _write_parts, w, plan)
+    if not BOUNDARY.agree(SHARDED, wrote is not None):  # every part is written, or none is used
+        if _rank_zero():
+            _discard(plan)
+        return None
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    return (MergedParts(plan[0], world), MergedParts(plan[1], world)) if _rank_zero() else None
+
+
+def _plan_sharded(w: _Watched, step: int, config: AutologConfig) -> tuple[Path, ...] | None:
+    """Local: None when ``step`` is taken already; ``()`` to gather; or the folders the ranks
+    write their parts into (rank 0 clears what an interrupted job left there)."""
+    if w.gathered_step == step:
+        return None
+    w.gathered_step = step
+    if not config.sharded_save_dir:
+        return ()
+    folder = Path(config.sharded_save_dir)
+    folders = (folder / f"{w.prefix}raw-step{step}", folder / f"{w.prefix}ema-step{step}")
+    if _rank_zero():
+        _discard(folders)
+    return folders
+
+
+def _write_parts(w: _Watched, folders: tuple[Path, ...]) -> bool:
+    save_part(folders[0], w.model.state_dict())
+    save_part(folders[1], w.ema.model_state_dict())
+    return True
+
+
+def _discard(states: Any) -> None:
+    """Remove rank parts that will not be merged (folders, or :class:`MergedParts`)."""
+    for item in states or ():
+        if isinstance(item, MergedParts):
+            item.discard()
+        elif isinstance(item, Path):
+            shutil.rmtree(item, ignore_errors=True)
+
+
+# -- the patches, behind the safety boundary (mlflow_ema.safety) ---------------------------------
+
+
+def _client_run(arguments: dict[str, Any]) -> tuple[str, str]:
+    """The run a patched ``MlflowClient`` call writes to: tag it when mlflow-ema fails there."""
+    return arguments["run_id"], arguments["self"].tracking_uri
+
+
+def _metric_patch(session: _Session, log_metric: Any) -> Any:
+    """``MlflowClient.log_metric``: the ``ema/`` prefix, a known timestamp, then the ledger."""
+    signature = inspect.signature(log_metric)
+
+    def prepare(args: tuple, kwargs: dict) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return None  # the caller's mistake: MLflow reports it
+        bound.apply_defaults()
+        a = bound.arguments
+        a["key"] = session.prefixed(a["key"])
+        a["timestamp"] = a["timestamp"] or int(time.time() * 1000)  # known, so links dedupe
+        return bound
+
+    def after(a: dict[str, Any]) -> None:
+        session.observe(a["run_id"], [(a["key"], a["value"], a["step"] or 0, a["timestamp"])], a["self"])
+
+    return BOUNDARY.patch(
+        LOG_METRIC, log_metric, prepare, after, bypass=session.on_upload_thread, run_of=_client_run
+    )
+
+
+def _batch_patch(session: _Session, log_batch: Any) -> Any:
+    """``MlflowClient.log_batch``: as :func:`_metric_patch`, for each metric."""
+    signature = inspect.signature(log_batch)
+
+    def prepare(args: tuple, kwargs: dict) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        a = bound.arguments
+        a["metrics"] = [_renamed(m, session.prefixed(m.key)) for m in a["metrics"] or ()]
+        return bound
+
+    def after(a: dict[str, Any]) -> None:
+        observed = [(m.key, m.value, m.step, m.timestamp) for m in a["metrics"] if m.model_id is None]
+        session.observe(a["run_id"], observed, a["self"])
+
+    return BOUNDARY.patch(
+        LOG_BATCH, log_batch, prepare, after, bypass=session.on_upload_thread, run_of=_client_run
+    )
+
+
+def _run_end_patch(session: _Session, set_terminated: Any) -> Any:
+    """``MlflowClient.set_terminated``: the last checkpoint and every upload first. MLflow's
+    own ``set_terminated`` always runs, so a run never stays RUNNING because of mlflow-ema."""
+
+    def patched_set_terminated(
+        self_client: Any, run_id: str, status: str | None = None, end_time: int | None = None
+    ) -> Any:
+        try:
+            BOUNDARY.call(
+                RUN_END,
+                _end_of_run,
+                session,
+                self_client,
+                run_id,
+                status,
+                run=lambda: (run_id, self_client.tracking_uri),
+            )
+        finally:  # strict mode re-raises, after the run is marked terminated
+            result = set_terminated(self_client, run_id, status, end_time)
+        return result
+
+    return patched_set_terminated
+
+
+def _end_of_run(session: _Session, client: Any, run_id: str, status: str | None) -> None:
+    session.on_run_end(run_id, status, client.tracking_uri)
+
+
+def _iterator_started(session: _Session, iterator: Any) -> None:
+    iterator._mlflow_ema_steps = session.train_steps
+
+
+def _iterator_done(session: _Session, iterator: Any) -> None:
+    """A DataLoader iterator is exhausted: an epoch ended if the optimizer stepped meanwhile."""
+    started = getattr(iterator, "_mlflow_ema_steps", None)
+    if started is not None and session.train_steps > started:
+        iterator._mlflow_ema_steps = None
+        session.on_epoch_end()
 
 
 def _renamed(metric: Any, key: str) -> Any:
@@ -656,6 +808,7 @@ def training_state_of(w: _Watched, *, step: int, epoch: int | None) -> dict[str,
 _SESSION = _Session()
 
 
+@BOUNDARY.guarded(EXIT_FLUSH)
 def _flush_at_exit() -> None:
     # Runs still open are ended after this by MLflow's own exit handler, which reports.
     _SESSION.settle()
@@ -822,8 +975,8 @@ def watch(
                 session.settle(w)
 
         handles = [
-            opt.register_step_pre_hook(before),
-            opt.register_step_post_hook(lambda *_: session.step(w)),
+            opt.register_step_pre_hook(BOUNDARY.hook(WATCH, before)),
+            opt.register_step_post_hook(BOUNDARY.hook(WATCH, lambda *_: session.step(w))),
         ]
         opt._mlflow_ema_handles = [*getattr(opt, "_mlflow_ema_handles", ()), *handles]
     return w.ema
@@ -951,6 +1104,7 @@ def resume(
         watch(model, optimizers or None)
         w = session.watched[-1]
     w.ema.load_state_dict(state["ema"])
+    w.steps = w.ema.step
     w.schedulers = schedulers or w.schedulers
     w.epoch = state["epoch"] or 0
     return ResumeInfo(step=int(state["step"]), epoch=state["epoch"], run_id=run_id, model_id=model_id)
