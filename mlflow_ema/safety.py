@@ -282,13 +282,31 @@ class Boundary:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if int(flag.item()):
             return True
-        reasons: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(reasons, None if mine else self.off.get(part, "failed"))
+        reasons = _gather_reasons(dist, device, "" if mine else self.off.get(part, "failed"))
         self.settled.add(part)
         if part not in self.off:
             rank, reason = next((r, m) for r, m in enumerate(reasons) if m)
             self._switch_off(part, reason, rank=rank)
         return False
+
+
+def _gather_reasons(dist: Any, device: Any, reason: str) -> list[str]:
+    """Every rank's failure message ("" for none), as fixed-size UTF-8 tensors: no pickle
+    (``all_gather_object`` would unpickle what the other ranks send)."""
+    import torch
+
+    size = _MAX_MESSAGE * 4 + 64  # room for the longest message in UTF-8
+    data = reason.encode()[:size]
+    mine = torch.zeros(size + 1, dtype=torch.uint8, device=device)
+    mine[0] = 1 if reason else 0
+    mine[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    reasons = []
+    for t in gathered:
+        raw = bytes(t[1:].cpu().tolist()).rstrip(b"\0")
+        reasons.append(raw.decode(errors="replace") or ("failed" if int(t[0]) else ""))
+    return reasons
 
 
 BOUNDARY = Boundary()
