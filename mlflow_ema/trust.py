@@ -104,7 +104,11 @@ def resolve_callable(
             target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError) as e:
+    except ImportError as e:
+        raise MlflowEmaError(
+            f"cannot import {spec!r}: {e} (run from the folder that holds it, or put that folder on PYTHONPATH)"
+        ) from None
+    except AttributeError as e:
         raise MlflowEmaError(f"cannot import {spec!r}: {e}") from None
     if trusted is not None and not is_trusted(getattr(target, "__module__", None) or "", trusted):
         raise UntrustedCodeError(
