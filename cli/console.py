@@ -114,9 +114,13 @@ def _usage_line(error: click.ClickException) -> str:
 
 
 def emit(as_json: bool, data: Any, text: str) -> None:
-    """The command's result, on stdout."""
-    out = click.get_current_context().meta.get(_OUT)
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else text, file=out)
+    """The command's result, on stdout (the notes so far first, on stderr: the command is done)."""
+    meta = click.get_current_context().meta
+    for line in meta.get(_NOTES) or ():
+        click.echo(line, file=meta[_ERR])
+    if meta.get(_NOTES):
+        meta[_NOTES] = []
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text, file=meta.get(_OUT))
 
 
 def note(text: str) -> None:
