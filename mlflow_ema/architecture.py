@@ -69,12 +69,17 @@ def build_model(
         factory = resolve_callable(spec, trusted=trusted, what=f"run {run_id} recorded {kind}")
     kwargs = model_kwargs if model_kwargs is not None else _kwargs(recorded[2] if recorded else "{}", run_id)
     try:
-        return factory(**kwargs)
+        model = factory(**kwargs)
     except Exception as e:  # the user's code: say which call failed, in one line
         first = (str(e).strip().splitlines() or [""])[0]
         raise MlflowEmaError(
             f"building the model with {spec}(**{kwargs}) failed: {type(e).__name__}: {first}"
         ) from e
+    if not callable(getattr(model, "state_dict", None)) or not callable(
+        getattr(model, "load_state_dict", None)
+    ):
+        raise MlflowEmaError(f"{spec}(**{kwargs}) returned a {type(model).__name__}, not a torch module")
+    return model
 
 
 def _kwargs(text: str, run_id: str) -> dict[str, Any]:

@@ -47,6 +47,11 @@ def trusted_prefixes(given: Iterable[str] = ()) -> tuple[str, ...]:
                 f"--trust-module / {TRUST_ENV} takes dotted module names such as 'mypkg' or "
                 f"'mypkg.models', got {prefix!r}"
             )
+        if _standard_library(prefix):
+            raise UntrustedCodeError(
+                f"--trust-module {prefix}: the standard library builds no models (and can run commands); "
+                "trust the package that holds your model code"
+            )
         if prefix not in prefixes:
             prefixes.append(prefix)
     return tuple(prefixes)
@@ -80,9 +85,14 @@ def check_recorded(spec: str, prefixes: Iterable[str], *, what: str) -> None:
             "give --model-factory MODULE:FUNCTION"
         )
     if not is_trusted(module, prefixes):
+        how = (
+            "give --model-factory"
+            if _standard_library(module)
+            else f"if {module} is your own code, pass --trust-module {module.split('.')[0]} (or set {TRUST_ENV}); "
+            "else give --model-factory"
+        )
         raise UntrustedCodeError(
-            f"{what} {spec!r}; mlflow-ema imports code named by a run only if you trust it: "
-            f"pass --trust-module {module.split('.')[0]} (or set {TRUST_ENV}), or give --model-factory"
+            f"{what} {spec!r}; mlflow-ema imports code named by a run only if you trust it: {how}"
         )
 
 
@@ -118,6 +128,10 @@ def resolve_callable(
     if not callable(target):
         raise MlflowEmaError(f"{spec!r} is not callable")
     return target
+
+
+def _standard_library(module: str) -> bool:
+    return module.split(".")[0] in sys.stdlib_module_names
 
 
 @contextlib.contextmanager

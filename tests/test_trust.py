@@ -94,8 +94,9 @@ def test_a_callable_named_by_a_tag_is_never_run(cli, tmp_path, tags):
     tamper(tags)
     line = one_error(cli(*AVERAGE, code=1))
     spec = tags.get(FACTORY) or tags["mlflow_ema.model_class"]
-    assert "recorded" in line and repr(spec) in line and "--trust-module" in line
-    assert "run " in line
+    assert "recorded" in line and repr(spec) in line and "only if you trust it" in line
+    assert "run " in line and "--model-factory" in line
+    assert "--trust-module" not in line  # never the advice to trust the standard library
     assert not (tmp_path / "PWNED").exists()
     assert MlflowClient().search_registered_models() == []
 
@@ -107,17 +108,25 @@ def test_the_refusal_comes_before_any_download(cli, store):
     hidden = artifacts.with_name("hidden")
     artifacts.rename(hidden)  # a download would fail first, with another message
     try:
-        assert "--trust-module" in one_error(cli(*AVERAGE, code=1))
+        assert "only if you trust it" in one_error(cli(*AVERAGE, code=1))
     finally:
         hidden.rename(artifacts)
 
 
-def test_trusting_the_module_of_os_system_is_not_enough(cli, tmp_path):
-    """``os.system`` lives in ``posix``: the object found must come from the trusted prefix."""
-    tamper({FACTORY: "os:system", KWARGS: json.dumps({"command": "touch PWNED"})})
-    line = one_error(cli(*AVERAGE, "--trust-module", "os", code=1))
-    assert "defined in module 'posix'" in line
+@pytest.mark.parametrize("prefix", ["os", "subprocess", "importlib.util"])
+def test_the_standard_library_is_never_trusted(cli, tmp_path, prefix):
+    tamper({FACTORY: "subprocess:run", KWARGS: json.dumps({"args": ["touch", "PWNED"]})})
+    assert "the standard library builds no models" in one_error(
+        cli(*AVERAGE, "--trust-module", prefix, code=1)
+    )
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_recorded_factory_that_builds_no_module_is_refused(cli, tmp_path):
+    (tmp_path / "teamfactory.py").write_text("def make(hidden):\n    return hidden\n")
+    tamper({FACTORY: "teamfactory:make"})
+    line = one_error(cli(*AVERAGE, "--trust-module", "teamfactory", code=1))
+    assert "teamfactory:make(**{'hidden': 16}) returned a int, not a torch module" in line
 
 
 def test_a_name_a_trusted_module_imported_is_refused(cli, tmp_path, monkeypatch):
@@ -178,14 +187,14 @@ def test_a_factory_the_user_gives_needs_no_trust(cli):
 def test_every_path_that_rebuilds_the_model_checks_trust(cli, tmp_path, extra):
     tamper({FACTORY: "os:system", KWARGS: json.dumps({"command": "touch PWNED"})})
     args = ("average", "-e", "sweep", "--top-k", "2", "--output", str(tmp_path / "soup"), *extra)
-    assert "--trust-module" in one_error(cli(*args, code=1))
+    assert "only if you trust it" in one_error(cli(*args, code=1))
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "soup").exists()
 
 
 def test_the_python_api_checks_trust(cli, tmp_path, monkeypatch):
     tamper({FACTORY: "os:system", KWARGS: json.dumps({"command": "touch PWNED"})})
     options = AverageOptions(experiments=["sweep"], top_k=2, register_as="soup")
-    with pytest.raises(MlflowEmaError, match="--trust-module"):
+    with pytest.raises(MlflowEmaError, match="only if you trust it"):
         average_runs(options)
     assert not (tmp_path / "PWNED").exists()
     tamper({FACTORY: "helpers:make_net", KWARGS: json.dumps({"hidden": 16})})
