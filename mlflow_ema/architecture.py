@@ -14,12 +14,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mlflow_ema.errors import IncompatibleModelError, MlflowEmaError
+from mlflow_ema.tags import (
+    RUN_TAG_MODEL_CLASS,
+    RUN_TAG_MODEL_FACTORY,
+    RUN_TAG_MODEL_HPARAMS,
+    RUN_TAG_MODEL_KWARGS,
+)
 from mlflow_ema.trust import check_recorded, resolve_callable
-
-RUN_TAG_MODEL_CLASS = "mlflow_ema.model_class"
-RUN_TAG_MODEL_FACTORY = "mlflow_ema.model_factory"
-RUN_TAG_MODEL_KWARGS = "mlflow_ema.model_kwargs"
-RUN_TAG_MODEL_HPARAMS = "mlflow_ema.model_hparams"
 
 
 def recorded_builder(tags: Mapping[str, str]) -> tuple[str, str, str] | None:

@@ -31,15 +31,17 @@ from mlflow_ema.architecture import load_weights
 from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, Manifest, save_checkpoint, weights_digest
 from mlflow_ema.errors import MlflowEmaError
 from mlflow_ema.selection import Candidate
-
-TAG_SOURCES = "mlflow_ema.sources"
-TAG_STRATEGY = "mlflow_ema.strategy"
-TAG_SHA256 = "mlflow_ema.sha256"
-TAG_PROMOTED_TO = "mlflow_ema.promoted_to"
-TAG_PROMOTED_FROM = "mlflow_ema.promoted_from"
-TAG_PROMOTED_AT = "mlflow_ema.promoted_at"
-TAG_REPLACED = "mlflow_ema.replaced_version"
-TAG_INCOMPLETE = "mlflow_ema.incomplete"  # on a soup run whose registration failed midway
+from mlflow_ema.tags import (
+    TAG_INCOMPLETE,
+    TAG_PROMOTED_AT,
+    TAG_PROMOTED_FROM,
+    TAG_PROMOTED_TO,
+    TAG_REPLACED,
+    TAG_SHA256,
+    TAG_SOURCES,
+    TAG_STRATEGY,
+    TAG_VERSION,
+)
 
 
 class RegistryError(MlflowEmaError):
@@ -189,7 +191,7 @@ def _log_and_register(
         )
         sha256 = weights_digest(manifest)
         tags = {TAG_SOURCES: json.dumps(sources), TAG_STRATEGY: strategy, TAG_SHA256: sha256,
-                "mlflow_ema.version": __version__}  # fmt: skip
+                TAG_VERSION: __version__}  # fmt: skip
         version = mlflow.register_model(info.model_uri, name, tags=tags)
         made["version"] = version.version
         if alias:

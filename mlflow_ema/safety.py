@@ -31,10 +31,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from mlflow_ema.tags import RUN_TAG_ERRORS
+
 _logger = logging.getLogger("mlflow_ema")
 
 STRICT_ENV = "MLFLOW_EMA_STRICT"
-RUN_TAG_ERRORS = "mlflow_ema.errors"
 
 # The parts, each switched off on its own. The names appear in warnings and in the run tag.
 LOG_METRIC = "log_metric"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlflow_ema.errors import MlflowEmaError
-from mlflow_ema.uploader import TAG_ALL_FINITE, TAG_INIT_FINGERPRINT, TAG_KIND, TAG_STEP
+from mlflow_ema.tags import TAG_ALL_FINITE, TAG_INIT_FINGERPRINT, TAG_KIND, TAG_STEP
 
 
 class SelectionError(MlflowEmaError):

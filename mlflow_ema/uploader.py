@@ -35,19 +35,20 @@ from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, TRAINING_STATE_FILE, s
 from mlflow_ema.errors import CheckpointError
 from mlflow_ema.ledger import CheckpointRecord, Ledger
 from mlflow_ema.snapshot import Snapshot
+from mlflow_ema.tags import (  # noqa: F401  # RUN_TAG_UPLOAD_FAILURES, TAG_MODEL: still imported from here
+    RUN_TAG_UPLOAD_FAILURES,
+    TAG_ALL_FINITE,
+    TAG_EPOCH,
+    TAG_FORMAT_VERSION,
+    TAG_INIT_FINGERPRINT,
+    TAG_KIND,
+    TAG_MODEL,
+    TAG_SHA256,
+    TAG_STEP,
+    TAG_TRAINING_STATE,
+)
 
 _logger = logging.getLogger("mlflow_ema")
-
-TAG_KIND = "mlflow_ema.kind"
-TAG_STEP = "mlflow_ema.step"
-TAG_EPOCH = "mlflow_ema.epoch"
-TAG_MODEL = "mlflow_ema.model"
-TAG_INIT_FINGERPRINT = "mlflow_ema.init_fingerprint"
-TAG_ALL_FINITE = "mlflow_ema.all_finite"
-TAG_SHA256 = "mlflow_ema.sha256"
-TAG_TRAINING_STATE = "mlflow_ema.training_state"
-TAG_FORMAT_VERSION = "mlflow_ema.format_version"
-RUN_TAG_UPLOAD_FAILURES = "mlflow_ema.upload_failures"
 
 
 @dataclasses.dataclass
