@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from mlflow_ema._version import __version__
 
 _EXPORTS = {
-    "AverageOptions": "mlflow_ema.workflow",
+    "AverageOptions": "mlflow_ema.average_options",
     "average_runs": "mlflow_ema.workflow",
     "promote": "mlflow_ema.registry",
     "autolog": "mlflow_ema.tracking",
@@ -42,11 +42,17 @@ _EXPORTS = {
     "IncompatibleModelError": "mlflow_ema.errors",
     "CheckpointError": "mlflow_ema.errors",
     "ChecksumMismatchError": "mlflow_ema.errors",
+    "SelectionError": "mlflow_ema.errors",
+    "AveragingError": "mlflow_ema.errors",
+    "RegistryError": "mlflow_ema.errors",
+    "StoreError": "mlflow_ema.errors",
+    "UntrustedCodeError": "mlflow_ema.errors",
 }
 
 __all__ = [
     "EMA",
     "AverageOptions",
+    "AveragingError",
     "BiasCorrectedDecay",
     "Checkpoint",
     "CheckpointError",
@@ -57,7 +63,11 @@ __all__ = [
     "Manifest",
     "MlflowEmaError",
     "RampDecay",
+    "RegistryError",
     "ResumeInfo",
+    "SelectionError",
+    "StoreError",
+    "UntrustedCodeError",
     "WarmupDecay",
     "__version__",
     "autolog",
@@ -105,10 +115,15 @@ if TYPE_CHECKING:
     )
     from mlflow_ema.ema import EMA, unwrap_model
     from mlflow_ema.errors import (
+        AveragingError,
         CheckpointError,
         ChecksumMismatchError,
         IncompatibleModelError,
         MlflowEmaError,
+        RegistryError,
+        SelectionError,
+        StoreError,
+        UntrustedCodeError,
     )
     from mlflow_ema.registry import promote
     from mlflow_ema.schedules import (

@@ -24,6 +24,22 @@ class ChecksumMismatchError(CheckpointError):
     """A checkpoint file's sha256 differs from the one its manifest records."""
 
 
+class SelectionError(MlflowEmaError):
+    """No (or not enough) checkpoints match the selection."""
+
+
+class AveragingError(MlflowEmaError):
+    """The members cannot be averaged: mismatched tensors, other initialization, NaN/inf..."""
+
+
+class RegistryError(MlflowEmaError):
+    """A registered model, version or alias is missing or invalid."""
+
+
+class StoreError(MlflowEmaError):
+    """The tracking store cannot be reached, or does not exist."""
+
+
 class UntrustedCodeError(MlflowEmaError):
     """Code named by a tracking server (a run's tag) that the user has not trusted: it is
     never imported (see ``--trust-module``)."""

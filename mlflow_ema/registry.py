@@ -29,7 +29,7 @@ import torch
 from mlflow_ema._version import __version__
 from mlflow_ema.architecture import load_weights
 from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, Manifest, save_checkpoint, weights_digest
-from mlflow_ema.errors import MlflowEmaError
+from mlflow_ema.errors import RegistryError
 from mlflow_ema.selection import Candidate
 from mlflow_ema.tags import (
     TAG_INCOMPLETE,
@@ -42,10 +42,6 @@ from mlflow_ema.tags import (
     TAG_STRATEGY,
     TAG_VERSION,
 )
-
-
-class RegistryError(MlflowEmaError):
-    """A registered model, version or alias is missing or invalid."""
 
 
 @dataclasses.dataclass(frozen=True)

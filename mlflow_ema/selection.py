@@ -14,12 +14,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from mlflow_ema.errors import MlflowEmaError
+from mlflow_ema.errors import SelectionError
 from mlflow_ema.tags import TAG_ALL_FINITE, TAG_INIT_FINGERPRINT, TAG_KIND, TAG_STEP
-
-
-class SelectionError(MlflowEmaError):
-    """No (or not enough) checkpoints match the selection."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,13 +27,9 @@ from typing import Any
 import torch
 
 from mlflow_ema.checkpoint import Manifest, WeightsReader, _finite, check_file, in_order, read_manifest
-from mlflow_ema.errors import CheckpointError, MlflowEmaError
+from mlflow_ema.errors import AveragingError, CheckpointError
 
 _CHUNK = 1 << 22  # bytes read per member at a time
-
-
-class AveragingError(MlflowEmaError):
-    """The members cannot be averaged: mismatched tensors, other initialization, NaN/inf..."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,14 +16,10 @@ import threading
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from mlflow_ema.errors import MlflowEmaError
+from mlflow_ema.errors import StoreError
 
 CONNECT_TIMEOUT = 5.0  # seconds to open the connection
 ANSWER_TIMEOUT = 20.0  # seconds for the whole check, answer included
-
-
-class StoreError(MlflowEmaError):
-    """The tracking store cannot be reached, or does not exist."""
 
 
 def check_store(uri: str) -> None:
