@@ -169,8 +169,7 @@ class MergedParts:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def wait(self) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
+        from mlflow_ema.checkpoint import iter_tensors
         from mlflow_ema.errors import CheckpointError
 
         full: dict[str, torch.Tensor] = {}
@@ -181,19 +180,25 @@ class MergedParts:
                 if not index.is_file():
                     raise CheckpointError(f"{self.folder}: the part of rank {rank} is missing")
                 layout = json.loads(index.read_text())
-                with safe_open(str(weights), framework="pt") as part:
-                    for name, where in layout.items():
-                        chunk = part.get_tensor(name)
-                        if where["shape"] is None:
-                            full[name] = chunk
-                            continue
-                        if name not in full:
-                            full[name] = torch.empty(where["shape"], dtype=chunk.dtype)
-                        region = tuple(
-                            slice(o, o + n) for o, n in zip(where["offsets"], chunk.shape, strict=True)
-                        )
-                        full[name][region] = chunk
-                        covered[name] = covered.get(name, 0) + chunk.numel()
+                # one chunk in memory at a time, read like every safetensors file (checkpoint.py)
+                for name, chunk in iter_tensors(weights):
+                    where = layout.pop(name, None)
+                    if where is None:
+                        continue
+                    if where["shape"] is None:
+                        full[name] = chunk
+                        continue
+                    if name not in full:
+                        full[name] = torch.empty(where["shape"], dtype=chunk.dtype)
+                    region = tuple(
+                        slice(o, o + n) for o, n in zip(where["offsets"], chunk.shape, strict=True)
+                    )
+                    full[name][region] = chunk
+                    covered[name] = covered.get(name, 0) + chunk.numel()
+                if layout:
+                    raise CheckpointError(
+                        f"{weights} lacks {next(iter(layout))!r}, which rank {rank}'s layout names"
+                    )
             for name, count in covered.items():
                 if count != full[name].numel():
                     raise CheckpointError(

@@ -129,6 +129,9 @@ def _check_layouts(readers: list[WeightsReader], manifests: list[Manifest]) -> l
     (by name: one member sharded and another not is fine)."""
     first = readers[0]
     names = first.names
+    complex_names = [name for name in names if first.spec(name)[0] == "C64"]
+    if complex_names:  # readable since load_checkpoint reads every dtype safetensors does
+        raise AveragingError(f"{first.label}: {complex_names[0]!r} is complex (C64), which is not averaged")
     for r, manifest in zip(readers[1:], manifests[1:], strict=True):
         missing = sorted(set(names) - set(r.names))
         extra = sorted(set(r.names) - set(names))
