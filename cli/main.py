@@ -7,12 +7,15 @@ command imports torch and mlflow when it runs. Exit codes: 0 success, 1 an error
 
 from __future__ import annotations
 
-import json
+import dataclasses
+from typing import Any
 
 import click
 from mlflow_ema.cli.console import Group, detail, emit, note, progress
+from mlflow_ema.cli.options import options_from, values_for
 
 from mlflow_ema._version import __version__
+from mlflow_ema.average_options import AverageOptions, selection_fields
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -83,28 +86,6 @@ def main(ctx: click.Context, tracking_uri: str | None, debug: bool) -> None:
         mlflow.set_tracking_uri(tracking_uri)
 
 
-def _selection_options(func):
-    options = [
-        click.option("--experiment", "-e", "experiments", multiple=True, metavar="NAME",
-                     help="Experiment name or id (repeatable). Default: $MLFLOW_EXPERIMENT_NAME."),
-        click.option("--run", "run_id", metavar="RUN_ID",
-                     help="Rank the checkpoints within this one run instead (SWA / latest-weight averaging)."),
-        click.option("--filter", "filter_string", metavar="EXPR", help='MLflow run filter, e.g. "params.lr < 0.1".'),
-        click.option("--status", "statuses", multiple=True, default=["FINISHED"], show_default=True,
-                     help="Run statuses to include (repeatable)."),
-        click.option("--metric", default="ema/val_acc", show_default=True,
-                     help="Metric linked to the checkpoints to rank by."),
-        click.option("--mode", type=click.Choice(["max", "min"]), default="max", show_default=True),
-        click.option("--kind", type=click.Choice(["ema", "raw"]), default="ema", show_default=True,
-                     help="Which checkpoints: the EMA or the raw weights."),
-        click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
-                     help="Each run's best checkpoint by the metric, or its last one."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 def _experiments(experiments: tuple[str, ...], run_id: str | None) -> tuple[str, ...]:
     import os
 
@@ -129,79 +110,10 @@ def _selection_table(candidates: list) -> str:
 
 @main.command(context_settings=CONTEXT)
 @config_option
-@_selection_options
-@click.option(
-    "--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="How many to average."
-)
-@click.option(
-    "--min-k", type=click.IntRange(min=1), help="Go on (with a warning) when at least this many qualify."
-)
-@click.option(
-    "--strategy",
-    type=click.Choice(["uniform", "greedy"]),
-    default="uniform",
-    show_default=True,
-    help="greedy: add members in rank order, keep each only if --eval improves (Wortsman et al. 2022).",
-)
-@click.option(
-    "--weights",
-    default="uniform",
-    show_default=True,
-    metavar="uniform|metric|W1,W2,...",
-    help="Member weights: equal, proportional to the metric, or an explicit list in rank order.",
-)
-@click.option(
-    "--eval",
-    "eval_fn",
-    metavar="MODULE:FUNCTION",
-    help="Scores a model (called with the module, returns a float); needed by --strategy greedy.",
-)
-@click.option(
-    "--update-bn",
-    metavar="MODULE:FUNCTION",
-    help="Returns a data loader; BatchNorm statistics are recomputed on it (swa_utils.update_bn).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
-    help="Output dtype (default: the inputs').",
-)
-@click.option("--accumulate", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option(
-    "--allow-different-init", is_flag=True, help="Average runs that did not start from the same weights."
-)
-@click.option(
-    "--register-as", metavar="NAME", help="Register the soup as a new version of this registered model."
-)
-@click.option("--alias", metavar="ALIAS", help="Point this alias of --register-as at the new version.")
-@click.option(
-    "--output", type=click.Path(file_okay=False), help="Also write the soup checkpoint to this new folder."
-)
-@click.option(
-    "--max-shard-size",
-    default="5GB",
-    show_default=True,
-    metavar="SIZE",
-    help="Above this size the soup's weights (--output, registered artifacts) are sharded the Hugging Face "
-    "way: bytes, or e.g. 500MB, 2GiB; none: never.",
-)
-@click.option(
-    "--model-factory",
-    metavar="MODULE:FUNCTION",
-    help="Rebuild the model with this instead of the run's record.",
-)
-@click.option("--model-kwargs", metavar="JSON", help="Keyword arguments for --model-factory.")
-@click.option(
-    "--trust-module", "trust_modules", multiple=True, metavar="PREFIX",
-    help="Import the model factory or LightningModule class that the runs recorded if its module is under "
-    "PREFIX (repeatable; also $MLFLOW_EMA_TRUST_MODULES, comma-separated). Nothing a run names is imported "
-    "otherwise.",
-)  # fmt: skip
+@options_from(dataclasses.fields(AverageOptions))  # one option per field, declared there
 @click.option("--dry-run", is_flag=True, help="Print the selection and stop.")
 @json_option
-def average(experiments, run_id, filter_string, statuses, metric, mode, kind, checkpoint, top_k, min_k, strategy,
-            weights, eval_fn, update_bn, dtype, accumulate, allow_different_init, register_as, alias, output,
-            max_shard_size, model_factory, model_kwargs, trust_modules, dry_run, as_json):  # fmt: skip
+def average(dry_run: bool, as_json: bool, **params: Any) -> None:
     """Average the best checkpoints of a sweep (or of one run) and register the soup.
 
     Ranks runs by their best (or last) checkpoint's METRIC, takes the top k, checks that
@@ -210,15 +122,8 @@ def average(experiments, run_id, filter_string, statuses, metric, mode, kind, ch
     """
     from mlflow_ema import workflow
 
-    options = workflow.AverageOptions(
-        experiments=_experiments(experiments, run_id), run_id=run_id, filter_string=filter_string,
-        statuses=statuses, metric=metric, mode=mode, kind=kind, checkpoint=checkpoint, top_k=top_k, min_k=min_k,
-        strategy=strategy, weights=weights, eval_fn=eval_fn, update_bn=update_bn, dtype=dtype,
-        accumulate=accumulate, allow_different_init=allow_different_init, register_as=register_as, alias=alias,
-        output=output, model_factory=model_factory, trust_modules=trust_modules,
-        max_shard_size=None if str(max_shard_size).lower() == "none" else str(max_shard_size),
-        model_kwargs=_json_object(model_kwargs, "--model-kwargs"),
-    )  # fmt: skip
+    params["experiments"] = _experiments(params["experiments"], params["run_id"])
+    options = AverageOptions(**values_for(dataclasses.fields(AverageOptions), params))
     workflow.check_options(options)  # before the store is touched
     _open_store()
     selection = workflow.plan(options)
@@ -231,21 +136,7 @@ def average(experiments, run_id, filter_string, statuses, metric, mode, kind, ch
     if not as_json:
         detail(_selection_table(selection.candidates))
     result = workflow.average_runs(options, selection=selection, progress=progress(as_json))
-    emit(as_json, _average_data(result), _average_text(result, strategy, metric))
-
-
-def _json_object(text: str | None, option: str) -> dict | None:
-    if not text:
-        return None
-    from mlflow_ema.errors import MlflowEmaError
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MlflowEmaError(f"{option} is not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise MlflowEmaError(f"{option} must be a JSON object of keyword arguments, got {text!r}")
-    return value
+    emit(as_json, _average_data(result), _average_text(result, options.strategy, options.metric))
 
 
 def _open_store() -> None:
@@ -316,17 +207,17 @@ def promote(name, version, from_alias, to, if_better, mode, copy_to, as_json):
 
 @main.command(name="ls", context_settings=CONTEXT)
 @config_option
-@_selection_options
+@options_from(selection_fields())  # the selection fields of AverageOptions
 @click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True, help="How many rows.")
 @json_option
-def ls_command(experiments, run_id, filter_string, statuses, metric, mode, kind, checkpoint, top_k, as_json):
+def ls_command(top_k: int, as_json: bool, **params: Any) -> None:
     """Rank runs (or one run's checkpoints) by a metric linked to their checkpoints."""
     from mlflow_ema.selection import select
 
+    params["experiments"] = _experiments(params["experiments"], params["run_id"])
+    kwargs = values_for(selection_fields(), params)
     _open_store()
-    selection = select(experiments=_experiments(experiments, run_id), run_id=run_id, filter_string=filter_string,
-                       statuses=statuses, metric=metric, mode=mode, kind=kind, checkpoint=checkpoint, top_k=top_k,
-                       min_k=1)  # fmt: skip
+    selection = select(**kwargs, top_k=top_k, min_k=1)
     for text in selection.warnings:
         if not text.startswith("only "):
             note(f"note: {text}")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mlflow_ema.architecture import build_model, load_weights
-from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, parse_size, read_manifest, save_checkpoint
+from mlflow_ema.average_options import AverageOptions, check_choices, recorded_params, selection_kwargs
+from mlflow_ema.checkpoint import parse_size, read_manifest, save_checkpoint
 from mlflow_ema.errors import MlflowEmaError
 from mlflow_ema.registry import RegisteredSoup, check_alias, check_model_name, register_soup
 from mlflow_ema.selection import Candidate, Selection, select
@@ -30,37 +31,6 @@ DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-
-
-@dataclasses.dataclass
-class AverageOptions:
-    """The options of ``mlflow-ema average`` (see its ``--help``)."""
-
-    experiments: Sequence[str] = ()
-    run_id: str | None = None
-    filter_string: str | None = None
-    statuses: Sequence[str] = ("FINISHED",)
-    metric: str = "ema/val_acc"
-    mode: str = "max"
-    kind: str = "ema"
-    checkpoint: str = "best"
-    top_k: int = 5
-    min_k: int | None = None
-    strategy: str = "uniform"  # or "greedy"
-    weights: str = "uniform"  # "uniform", "metric" or "0.5,0.3,0.2"
-    eval_fn: str | None = None  # "module:function", called with the model, returns a score
-    update_bn: str | None = None  # "module:function" returning a data loader
-    dtype: str | None = None
-    accumulate: str = "float32"
-    allow_different_init: bool = False
-    register_as: str | None = None
-    alias: str | None = None
-    output: str | None = None
-    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE  # the soup's files (None: one file)
-    model_factory: str | None = None
-    model_kwargs: dict | None = None
-    # module prefixes whose callables recorded on runs may be imported (plus $MLFLOW_EMA_TRUST_MODULES)
-    trust_modules: Sequence[str] = ()
 
 
 @dataclasses.dataclass
@@ -88,14 +58,9 @@ def check_options(options: AverageOptions) -> None:
     if options.model_kwargs is not None and not isinstance(options.model_kwargs, dict):
         raise MlflowEmaError("--model-kwargs must be a JSON object of keyword arguments")
     trusted_prefixes(options.trust_modules)  # well-formed
-    if options.strategy not in ("uniform", "greedy"):
-        raise MlflowEmaError(f"--strategy must be uniform or greedy, got {options.strategy!r}")
+    check_choices(options)  # --strategy, --dtype, --accumulate, --mode, --kind, --checkpoint
     if options.strategy == "greedy" and not options.eval_fn:
         raise MlflowEmaError("--strategy greedy needs --eval module:function to score each trial soup")
-    if options.dtype and options.dtype not in DTYPES:
-        raise MlflowEmaError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-    if options.accumulate not in ("float32", "float64"):
-        raise MlflowEmaError(f"--accumulate must be float32 or float64, got {options.accumulate!r}")
     try:
         parse_size(options.max_shard_size)
     except ValueError as e:
@@ -117,11 +82,7 @@ def check_new_folder(path: str | os.PathLike, *, option: str) -> None:
 def plan(options: AverageOptions) -> Selection:
     """The selection alone (``--dry-run``), after the checks that need no download."""
     check_options(options)
-    return select(
-        experiments=options.experiments, metric=options.metric, mode=options.mode, kind=options.kind,
-        checkpoint=options.checkpoint, top_k=options.top_k, min_k=options.min_k,
-        filter_string=options.filter_string, statuses=options.statuses, run_id=options.run_id,
-    )  # fmt: skip
+    return select(**selection_kwargs(options), top_k=options.top_k, min_k=options.min_k)
 
 
 def average_runs(
@@ -293,11 +254,6 @@ def _update_bn(state: dict, loader: Callable[[], Any], model: torch.nn.Module) -
 
 
 def _params(options: AverageOptions, result: AverageResult) -> dict[str, Any]:
-    return {
-        "experiments": list(options.experiments), "run_id": options.run_id or "", "filter": options.filter_string or "",
-        "metric": options.metric, "mode": options.mode, "kind": options.kind, "checkpoint": options.checkpoint,
-        "top_k": options.top_k, "weights": [round(w, 6) for _, w in result.members],
-        "eval": options.eval_fn or "", "update_bn": options.update_bn or "",
-        "dtype": options.dtype or "input", "accumulate": options.accumulate,
-        "max_shard_size": "none" if options.max_shard_size is None else options.max_shard_size,
-    }  # fmt: skip
+    """The soup run's params: the options that record one (see ``average_options``), and
+    the weights used."""
+    return {**recorded_params(options), "weights": [round(w, 6) for _, w in result.members]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -253,6 +254,43 @@ def test_config_file_with_command_line_override(cli, tmp_path):
     assert len(out["selection"]) == 2
     config.write_text(yaml.safe_dump({"experiment": "digits", "topk": 3}))
     assert "unknown option 'topk'" in cli("average", "--config", str(config), code=2)
+
+
+def test_the_options_of_average_are_the_fields_of_average_options(tmp_path, monkeypatch):
+    """Each option is declared once, as a field of AverageOptions: `average` has one option per
+    field (plus --config, --dry-run, --json), `ls` the selection ones, and the command line's
+    values (and a config file's) reach AverageOptions converted."""
+    from mlflow_ema.cli import main
+
+    from mlflow_ema import workflow
+    from mlflow_ema.average_options import selection_fields
+
+    fields = [f.name for f in dataclasses.fields(mlflow_ema.AverageOptions)]
+    assert [p.name for p in main.commands["average"].params] == ["config", *fields, "dry_run", "as_json"]
+    selection = [f.name for f in selection_fields()]
+    assert selection == ["experiments", "run_id", "filter_string", "statuses", "metric", "mode", "kind",
+                         "checkpoint"]  # fmt: skip
+    assert [p.name for p in main.commands["ls"].params] == ["config", *selection, "top_k", "as_json"]
+
+    seen = []
+
+    def stop(options):
+        seen.append(options)
+        raise mlflow_ema.MlflowEmaError("stop")
+
+    monkeypatch.setattr(workflow, "check_options", stop)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    expected = mlflow_ema.AverageOptions(experiments=("from-env",), top_k=3, max_shard_size=None,
+                                         model_kwargs={"hidden": 8}, trust_modules=("pkg",))  # fmt: skip
+    args = ["--top-k", "3", "--max-shard-size", "none", "--model-kwargs", '{"hidden": 8}',
+            "--trust-module", "pkg"]  # fmt: skip
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"top_k": 3, "max-shard-size": "None", "model_kwargs": '{"hidden": 8}',
+                                      "trust_module": "pkg"}))  # fmt: skip
+    for given in (args, ["--config", str(config)]):
+        result = CliRunner().invoke(main, ["average", *given])
+        assert result.exit_code == 1 and "stop" in result.output
+        assert seen.pop() == expected
 
 
 # -- bad input: a one-line error, exit 1, nothing registered ---------------------------------
