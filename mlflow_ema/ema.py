@@ -156,6 +156,50 @@ def _default_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
+def _check_options(
+    buffers: str, frozen: str, update_every: Any, start_step: Any, dtype: torch.dtype | None
+) -> None:
+    """The ValueError of the first invalid :class:`EMA` option, if any."""
+    if buffers not in ("average", "copy"):
+        raise ValueError(f"buffers must be 'average' or 'copy', got {buffers!r}")
+    if frozen not in ("average", "copy"):
+        raise ValueError(f"frozen must be 'average' or 'copy', got {frozen!r}")
+    if not (isinstance(update_every, int) and update_every >= 1):
+        raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+    if not (isinstance(start_step, int) and start_step >= 0):
+        raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+
+
+def _build_plan(
+    averaged: Mapping[str, torch.Tensor], shadows: dict[str, torch.Tensor], device: torch.device | None
+) -> list[_Group]:
+    """The averaged weights and their shadows grouped for fused foreach updates, with a
+    staging buffer per weight when the shadow's device or dtype differs. With no fixed EMA
+    ``device``, a shadow follows its weight to the device the model was moved to since it
+    was made (``model.cuda()``): ``shadows`` is updated in place."""
+    groups: dict[tuple, _Group] = {}
+    for name, weight in averaged.items():
+        weight = _local(weight)
+        shadow = shadows[name]
+        if device is None and shadow.device != weight.device:
+            shadow = shadows[name] = shadow.to(weight.device)
+        key = (weight.device, weight.dtype, shadow.device, shadow.dtype)
+        group = groups.get(key)
+        if group is None:
+            needs_staging = weight.device != shadow.device or weight.dtype != shadow.dtype
+            deferred = weight.device.type == "cuda" and shadow.device.type == "cpu"
+            group = groups[key] = _Group(
+                [], [], [] if needs_staging else None, weight.device, weight.dtype, deferred
+            )
+        group.shadow.append(shadow)
+        group.model.append(weight)
+        if group.staging is not None:
+            group.staging.append(torch.empty_like(shadow, pin_memory=group.deferred))
+    return list(groups.values())
+
+
 class EMA:
     """Keeps an exponential moving average (EMA) of a model's weights.
 
@@ -208,16 +252,7 @@ class EMA:
         buffers: Literal["average", "copy"] = "average",
         frozen: Literal["average", "copy"] = "average",
     ) -> None:
-        if buffers not in ("average", "copy"):
-            raise ValueError(f"buffers must be 'average' or 'copy', got {buffers!r}")
-        if frozen not in ("average", "copy"):
-            raise ValueError(f"frozen must be 'average' or 'copy', got {frozen!r}")
-        if not (isinstance(update_every, int) and update_every >= 1):
-            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
-        if not (isinstance(start_step, int) and start_step >= 0):
-            raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        _check_options(buffers, frozen, update_every, start_step, dtype)
         self.schedule = as_schedule(decay)
         self.update_every = update_every
         self.start_step = start_step
@@ -248,7 +283,7 @@ class EMA:
         self.init_fingerprint = init_fingerprint(_Gathered(dict(self._model.named_parameters())))
         self._swapped = False
         self._pending: list[tuple[Any, _Group, str, float]] = []
-        self._plan = self._build_plan()
+        self._plan = _build_plan(self._layout.averaged, self._shadow, self._device)
 
     # -- the hot path: get_decay -> update -> _apply --------------------------------
 
@@ -284,7 +319,8 @@ class EMA:
     def _apply(self, op: str, weight: float) -> None:
         self._finish_pending()
         if any(g.model[0].device != g.model_device or g.model[0].dtype != g.model_dtype for g in self._plan):
-            self._plan = self._build_plan()  # the model was moved or cast since
+            # the model was moved or cast since
+            self._plan = _build_plan(self._layout.averaged, self._shadow, self._device)
         for group in self._plan:
             source = group.model
             if group.staging is not None:
@@ -302,28 +338,6 @@ class EMA:
             event.synchronize()
             _average(op, group.shadow, group.staging, weight)
         self._pending.clear()
-
-    def _build_plan(self) -> list[_Group]:
-        groups: dict[tuple, _Group] = {}
-        for name, weight in self._layout.averaged.items():
-            weight = _local(weight)
-            shadow = self._shadow[name]
-            if self._device is None and shadow.device != weight.device:
-                # The shadow follows a model moved after the EMA was built (model.cuda()).
-                shadow = self._shadow[name] = shadow.to(weight.device)
-            key = (weight.device, weight.dtype, shadow.device, shadow.dtype)
-            group = groups.get(key)
-            if group is None:
-                needs_staging = weight.device != shadow.device or weight.dtype != shadow.dtype
-                deferred = weight.device.type == "cuda" and shadow.device.type == "cpu"
-                group = groups[key] = _Group(
-                    [], [], [] if needs_staging else None, weight.device, weight.dtype, deferred
-                )
-            group.shadow.append(shadow)
-            group.model.append(weight)
-            if group.staging is not None:
-                group.staging.append(torch.empty_like(shadow, pin_memory=group.deferred))
-        return list(groups.values())
 
     # -- binding to a model -----------------------------------------------------------
 
@@ -347,7 +361,7 @@ class EMA:
         self._finish_pending()
         self._layout = self._layout_of(model)
         self._model = unwrap_model(model)
-        self._plan = self._build_plan()
+        self._plan = _build_plan(self._layout.averaged, self._shadow, self._device)
 
     # -- using the averaged weights ---------------------------------------------------
 

@@ -127,14 +127,7 @@ def select(
     """The checkpoints to average, best first. See the module docstring."""
     from mlflow import MlflowClient
 
-    if mode not in ("max", "min"):
-        raise SelectionError(f"--mode must be max or min, got {mode!r}")
-    if kind not in ("raw", "ema"):
-        raise SelectionError(f"--kind must be raw or ema, got {kind!r}")
-    if checkpoint not in ("best", "last"):
-        raise SelectionError(f"--checkpoint must be best or last, got {checkpoint!r}")
-    if top_k < 1 or (min_k is not None and not 1 <= min_k <= top_k):
-        raise SelectionError("--top-k must be >= 1, and --min-k between 1 and --top-k")
+    _check_choice(mode=mode, kind=kind, checkpoint=checkpoint, top_k=top_k, min_k=min_k)
     client = client or MlflowClient()
     if run_id is not None:
         return _select_in_run(
@@ -151,36 +144,63 @@ def select(
     if not experiments:
         raise SelectionError("name at least one --experiment, or a --run")
     experiment_ids = _experiment_ids(client, experiments)
-    runs = client.search_runs(experiment_ids, filter_string=filter_string or "", max_results=50000)
-    runs = [r for r in runs if not statuses or r.info.status in statuses]
+    runs = _search_runs(client, experiment_ids, experiments, filter_string, statuses)
     run_names = {r.info.run_id: r.info.run_name for r in runs}
     started = {r.info.run_id: r.info.start_time or 0 for r in runs}
-    if not runs:
-        raise SelectionError(
-            f"no {'/'.join(statuses) or ''} runs in {', '.join(experiments)} match the filter"
-        )
     by_run: dict[str, list[Candidate]] = {}
     for model in _checkpoints(client, experiment_ids, kind, set(run_names)):
         by_run.setdefault(model.source_run_id, []).append(_candidate(model, metric, run_names))
     notes = []
     if len(by_run) < len(runs):
         notes.append(f"{len(runs) - len(by_run)} of {len(runs)} runs have no READY {kind} checkpoint")
-    best_per_run = []
-    for candidates in by_run.values():
-        if checkpoint == "last":
-            chosen = max(candidates, key=lambda c: c.step)
-            if chosen.value is not None:
-                best_per_run.append(chosen)
-        else:
-            scored = [c for c in candidates if c.value is not None]
-            if scored:
-                best_per_run.append(_rank(scored, mode)[0])
+    chosen = [_choose_in_run(candidates, checkpoint, mode) for candidates in by_run.values()]
+    best_per_run = [c for c in chosen if c is not None]
     if not best_per_run:
         raise SelectionError(
             f"no run in {', '.join(experiments)} has a {kind} checkpoint with metric {metric!r}"
         )
     ranked = _rank(best_per_run, mode, started)[:top_k]
     return Selection(_enough(ranked, top_k, min_k, "runs", notes), notes)
+
+
+def _check_choice(*, mode: str, kind: str, checkpoint: str, top_k: int, min_k: int | None) -> None:
+    """The one-line error of the first invalid option of :func:`select`, if any."""
+    if mode not in ("max", "min"):
+        raise SelectionError(f"--mode must be max or min, got {mode!r}")
+    if kind not in ("raw", "ema"):
+        raise SelectionError(f"--kind must be raw or ema, got {kind!r}")
+    if checkpoint not in ("best", "last"):
+        raise SelectionError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    if top_k < 1 or (min_k is not None and not 1 <= min_k <= top_k):
+        raise SelectionError("--top-k must be >= 1, and --min-k between 1 and --top-k")
+
+
+def _search_runs(
+    client: Any,
+    experiment_ids: list[str],
+    experiments: Sequence[str],
+    filter_string: str | None,
+    statuses: Sequence[str],
+) -> list[Any]:
+    """The runs of the experiments that match the filter and have one of ``statuses`` (any
+    status when empty); refuses none."""
+    runs = client.search_runs(experiment_ids, filter_string=filter_string or "", max_results=50000)
+    runs = [r for r in runs if not statuses or r.info.status in statuses]
+    if not runs:
+        raise SelectionError(
+            f"no {'/'.join(statuses) or ''} runs in {', '.join(experiments)} match the filter"
+        )
+    return runs
+
+
+def _choose_in_run(candidates: list[Candidate], checkpoint: str, mode: str) -> Candidate | None:
+    """A run's checkpoint for a sweep: its best scored one, or its last one (``"last"``);
+    None when that one has no value of the metric."""
+    if checkpoint == "last":
+        chosen = max(candidates, key=lambda c: c.step)
+        return chosen if chosen.value is not None else None
+    scored = [c for c in candidates if c.value is not None]
+    return _rank(scored, mode)[0] if scored else None
 
 
 def _select_in_run(
