@@ -36,13 +36,14 @@ import json
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
-from mlflow_ema.architecture import RUN_TAG_MODEL_HPARAMS
+from mlflow_ema.checkpointing import active_run
 from mlflow_ema.ema import EMA
+from mlflow_ema.options import EMAOptions, signature_of
 from mlflow_ema.safety import BOUNDARY, LIGHTNING, LIGHTNING_ENTRY
-from mlflow_ema.schedules import DecaySchedule
-from mlflow_ema.tracking import _SESSION, _active_run, _Watched
+from mlflow_ema.session import SESSION
+from mlflow_ema.tags import RUN_TAG_MODEL_HPARAMS
+from mlflow_ema.watched import Watched
 
 
 def _run_in(*args: Any, **kwargs: Any) -> tuple[str, str] | None:
@@ -63,40 +64,37 @@ class EMACallback(pl.Callback):
     """Keep an EMA of the LightningModule, validate with it, log raw and EMA checkpoints.
 
     Args:
-        decay, update_every, start_step, ema_dtype, ema_device: as for :class:`mlflow_ema.EMA`
-            (``decay`` defaults to autolog's ``WarmupDecay(0.9999, power=3/4)``).
+        decay, update_every, start_step, ema_dtype, ema_device: the EMA's options
+            (:class:`mlflow_ema.options.EMAOptions`, as for :class:`mlflow_ema.EMA`; ``decay``
+            defaults to autolog's, else ``WarmupDecay(0.9999, power=3/4)``).
         validate_with_ema: run validation with the EMA weights.
         checkpoint_every_n_epochs: checkpoint after every N-th validation (None: only at the end).
         checkpoint_at_end: checkpoint when ``fit`` ends.
+
+    State kept here: ``ema`` (the EMA; in Lightning's ``.ckpt`` through :meth:`state_dict`),
+    ``_last_global_step`` (``trainer.global_step`` at the EMA's last update: a batch that
+    did not advance it, under gradient accumulation, does not update the EMA).
     """
 
     def __init__(
         self,
         *,
-        decay: float | DecaySchedule | None = None,
-        update_every: int = 1,
-        start_step: int = 0,
-        ema_dtype: torch.dtype | None = None,
-        ema_device: str | torch.device | None = None,
         validate_with_ema: bool = True,
         checkpoint_every_n_epochs: int | None = None,
         checkpoint_at_end: bool = True,
+        **ema_options: Any,
     ) -> None:
-        self.ema_kwargs = {
-            "decay": _SESSION.config.decay if decay is None else decay,
-            "update_every": update_every,
-            "start_step": start_step,
-            "dtype": ema_dtype,
-            "device": ema_device,
-        }
+        if ema_options.get("decay") is None:
+            ema_options["decay"] = SESSION.config.decay
+        self.ema_options = EMAOptions(**ema_options)
         self.validate_with_ema = validate_with_ema
         self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
         self.checkpoint_at_end = checkpoint_at_end
         self.ema: EMA | None = None
         self._ema_of: pl.LightningModule | None = None  # the module self.ema follows
         self._auto = False  # added by autolog's entry point
-        self._watched: _Watched | None = None
-        self._last_step = 0
+        self._watched: Watched | None = None
+        self._last_global_step = 0
         self._swap: contextlib.ExitStack | None = None
         self._restored: dict[str, Any] | None = None
 
@@ -119,26 +117,24 @@ class EMACallback(pl.Callback):
         if stage != "fit" or not self._active(trainer):
             return
         if self.ema is None or self._ema_of is not pl_module:  # a reused callback, another module
-            self.ema = EMA(pl_module, **self.ema_kwargs)
+            self.ema = self.ema_options.build(pl_module)
             self._ema_of = pl_module
-        self._last_step = trainer.global_step  # a new Trainer counts from 0 again
+        self._last_global_step = trainer.global_step  # a new Trainer counts from 0 again
         if self._restored is not None:
             self.ema.load_state_dict(self._restored["ema"])
-            self._last_step = self._restored["last_step"]
+            self._last_global_step = self._restored["last_step"]
             self._restored = None
-        _SESSION.install_common()
-        self._watched = _SESSION.add(pl_module, [], owner="lightning", ema=self.ema)
-        self._watched.run_tags[RUN_TAG_MODEL_HPARAMS] = json.dumps(_plain(dict(pl_module.hparams)))
+        SESSION.install_run_hooks()
+        self._watched = SESSION.add(pl_module, [], driver="lightning", ema=self.ema)
+        self._watched.run_tags[RUN_TAG_MODEL_HPARAMS] = json.dumps(_jsonable(dict(pl_module.hparams)))
 
     @_hook
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watched is None:
             return
         # autolog's optimizer hooks need not search for the model (this callback steps the EMA)
-        self._watched.optimizers = list(trainer.optimizers)
-        self._watched.schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        for optimizer in trainer.optimizers:
-            _SESSION.by_optimizer[optimizer] = self._watched
+        SESSION.bind_optimizers(self._watched, trainer.optimizers,
+                                [config.scheduler for config in trainer.lr_scheduler_configs])  # fmt: skip
 
     @_cleanup
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -152,22 +148,25 @@ class EMACallback(pl.Callback):
 
     def _detach(self) -> None:
         self._unswap()
-        _SESSION.ema_keys.clear()
-        if self._watched in _SESSION.watched:
-            _SESSION.watched.remove(self._watched)
+        SESSION.routing.forget_ema_keys()
+        if self._watched is not None:
+            SESSION.remove(self._watched)
         self._watched = None
 
     # -- the EMA ----------------------------------------------------------------------------
 
     @_hook
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._watched is not None:  # the schedulers have stepped: checkpoints' training state is complete
+            SESSION.before_own_step(self._watched)
+
+    @_hook
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._watched is None or trainer.global_step <= self._last_step:
+        if self._watched is None or trainer.global_step <= self._last_global_step:
             return  # gradient accumulation: no optimizer step in this batch
-        self._last_step = trainer.global_step
+        self._last_global_step = trainer.global_step
         self.ema.update()
-        _SESSION.train_steps += 1
-        run = _run_of(trainer)
-        self._watched.run_id = run[0] if run else None
+        SESSION.count_step(self._watched, _run_of(trainer))
 
     @_hook
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -175,13 +174,13 @@ class EMACallback(pl.Callback):
             return
         self._swap = contextlib.ExitStack()
         self._swap.enter_context(self.ema.swap())
-        self._swap.enter_context(_SESSION.prefix_metrics())
+        self._swap.enter_context(SESSION.routing.ema_weights_in())
 
     @_hook
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swap is not None:
             # Whoever logs these later (mlflow.pytorch.autolog, at epoch end) logs EMA values.
-            _SESSION.ema_keys.update(_validation_metric_names(trainer))
+            SESSION.routing.remember_ema_keys(_validation_metric_names(trainer))
         self._unswap()
         n = self.checkpoint_every_n_epochs
         if (
@@ -199,14 +198,13 @@ class EMACallback(pl.Callback):
         if self.checkpoint_at_end and self.ema.step > 0:
             # after fit, current_epoch counts the epochs run (a last partial one included)
             self._checkpoint(trainer, epoch=trainer.current_epoch)
-        _SESSION.settle(self._watched)  # scheduler states the checkpoints wait for: no step comes now
         run = _run_of(trainer)
-        if run is not None:
-            _SESSION.uploader.flush(run[0])
+        if run is not None:  # no step comes now: the training states are complete
+            SESSION.flush(run[0])
 
     def _checkpoint(self, trainer: pl.Trainer, *, epoch: int) -> None:
-        self._watched.epoch = epoch
-        _SESSION.checkpoint(self._watched, step=trainer.global_step, epoch=epoch, run=_run_of(trainer))
+        self._watched.epochs = epoch
+        SESSION.checkpoints.take(self._watched, step=trainer.global_step, epoch=epoch, run=_run_of(trainer))
 
     def _unswap(self) -> None:
         if self._swap is not None:
@@ -217,14 +215,14 @@ class EMACallback(pl.Callback):
 
     @BOUNDARY.guarded(LIGHTNING, default=dict)
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.ema is None else {"ema": self.ema.state_dict(), "last_step": self._last_step}
+        return {} if self.ema is None else {"ema": self.ema.state_dict(), "last_step": self._last_global_step}
 
     @_hook
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             if self.ema is not None:
                 self.ema.load_state_dict(state_dict["ema"])
-                self._last_step = state_dict["last_step"]
+                self._last_global_step = state_dict["last_step"]
             else:
                 self._restored = state_dict
 
@@ -243,6 +241,9 @@ class EMACallback(pl.Callback):
                 return
 
 
+signature_of(EMACallback.__init__, EMAOptions, keep=("self",))
+
+
 def _validation_metric_names(trainer: pl.Trainer) -> set[str]:
     """Names the validation loop logged (Lightning's result collection; empty if its
     internals change)."""
@@ -259,15 +260,15 @@ def _run_of(trainer: pl.Trainer) -> tuple[str, str] | None:
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger) and logger.run_id:
             return logger.run_id, logger.experiment.tracking_uri
-    return _active_run()
+    return active_run()
 
 
-def _plain(value: Any) -> Any:
+def _jsonable(value: Any) -> Any:
     """hparams as JSON: what cannot be written as JSON is written as its repr."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)
@@ -277,17 +278,13 @@ def _plain(value: Any) -> Any:
 def autolog_callbacks() -> list[pl.Callback]:
     """Lightning's ``callbacks_factory`` entry point: the callback, while autolog is on (none
     when it fails: the Trainer is still built)."""
-    if not _SESSION.autolog_on:
+    if not SESSION.autolog_on:
         return []
-    c = _SESSION.config
+    c = SESSION.config
     callback = EMACallback(
-        decay=c.decay,
-        update_every=c.update_every,
-        start_step=c.start_step,
-        ema_dtype=c.ema_dtype,
-        ema_device=c.ema_device,
         checkpoint_every_n_epochs=c.checkpoint_every_n_epochs,
         checkpoint_at_end=c.checkpoint_at_end,
+        **vars(c.ema_options()),
     )
     callback._auto = True
     return [callback]

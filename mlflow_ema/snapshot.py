@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,35 +27,26 @@ class Snapshot:
     _event: Any = None
 
     def wait(self) -> Any:
-        """The copied structure, once every asynchronous device copy has landed and
-        every :class:`Later` in a top-level dict has been taken."""
+        """The copied structure, once every asynchronous device copy has landed."""
         if self._event is not None:
             self._event.synchronize()
             self._event = None
-        if isinstance(self.value, dict):
-            return {k: v.wait() if isinstance(v, Later) else v for k, v in self.value.items()}
         return self.value
 
 
-class Later:
-    """A part of a snapshot taken at a later moment (another thread waits for it).
+@dataclasses.dataclass
+class MergedSnapshots:
+    """Snapshots of dicts taken at different moments, read as one dict (later ones win).
+    A checkpoint's training state is two: the EMA and RNG state when the checkpoint is
+    taken, the optimizers' and schedulers' when the next step begins."""
 
-    A training step's checkpoint is taken right after ``optimizer.step()``, but the
-    loop steps its LR scheduler after that: the scheduler's state is taken when the
-    next step begins, so a resumed run continues with the right learning rate.
-    """
+    parts: list[Snapshot]
 
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._snapshot: Snapshot | None = None
-
-    def take(self, value: Any) -> None:
-        self._snapshot = take_snapshot(value)
-        self._done.set()
-
-    def wait(self) -> Any:
-        self._done.wait()
-        return self._snapshot.wait()
+    def wait(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for part in self.parts:
+            merged.update(part.wait())
+        return merged
 
 
 def take_snapshot(value: Any) -> Snapshot:

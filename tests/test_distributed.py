@@ -183,7 +183,7 @@ def test_rank_parts_that_cannot_be_merged_fail_that_checkpoint_and_the_next_one_
             CheckpointPart(broken, MergedParts(tmp_path / "never-written", 2)),
             CheckpointPart(fine, Snapshot(make_mlp().state_dict())),
         ]
-        _SESSION.uploader.submit(_SESSION.job_for(run_id, tracking, parts))
+        _SESSION.uploader.submit(_SESSION.upload_job(run_id, tracking, parts))
         assert _SESSION.uploader.flush(timeout=120)
         failures = _SESSION.ledger.failures(run_id)
     assert broken.status == "failed" and fine.status != "failed"

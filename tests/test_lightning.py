@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import mlflow_ema
 from mlflow_ema import EMA, WarmupDecay, load_checkpoint
 from mlflow_ema.lightning import RUN_TAG_MODEL_HPARAMS, EMACallback
-from mlflow_ema.tracking import _SESSION, RUN_TAG_MODEL_CLASS
+from mlflow_ema.tags import RUN_TAG_MODEL_CLASS
+from mlflow_ema.tracking import _SESSION
 
 TRAIN_BATCHES = 15  # 1437 training digits in batches of 96
 
@@ -283,7 +284,7 @@ class WatchedOwners(pl.Callback):
     """Who keeps an EMA in the session while training: one "lightning" entry, no "autolog" one."""
 
     def on_train_end(self, trainer, pl_module):
-        self.owners = [w.owner for w in _SESSION.watched]
+        self.owners = [w.driver for w in _SESSION.watched]
 
 
 def test_autolog_adds_one_callback_and_stands_down_for_the_users_own(tracking, loaders):
@@ -449,7 +450,7 @@ def test_an_exception_in_validation_leaves_the_raw_weights(tracking, loaders):
     assert same(model.validated_with[-1], recorder.ema_at_validation[-1])  # it failed with EMA weights
     assert same(model.state_dict(), recorder.raw)  # and they are gone
     assert not same(model.state_dict(), callback.ema.model_state_dict())
-    assert not _SESSION._prefix_threads  # metrics are no longer renamed ema/
+    assert not _SESSION.routing.prefixing  # metrics are no longer renamed ema/
     assert _SESSION.watched == []
     callback.ema.update()  # not stuck in a swap
 

@@ -30,10 +30,14 @@ from torch import nn
 
 import mlflow_ema
 from mlflow_ema import EMA
+from mlflow_ema import checkpointing as checkpointing_module
 from mlflow_ema import tracking as tracking_module
+from mlflow_ema.checkpointing import Checkpoints
 from mlflow_ema.ledger import Ledger
+from mlflow_ema.routing import MetricRouter
 from mlflow_ema.safety import BOUNDARY, RUN_TAG_ERRORS, STRICT_ENV
-from mlflow_ema.tracking import _SESSION, _Session
+from mlflow_ema.session import Session
+from mlflow_ema.tracking import _SESSION
 from mlflow_ema.uploader import Uploader
 
 HERE = Path(__file__).resolve().parent
@@ -112,7 +116,7 @@ def test_a_bug_in_the_log_metric_patch_still_logs_the_metric(tracking, digits, m
         with recorded() as messages, pytest.raises(MlflowException, match="Invalid value"):
             mlflow.log_metric("val_acc", "not a number", step=3)
         assert messages == [] and BOUNDARY.is_on("log_metric")
-        bug = inject(monkeypatch, _Session, where)
+        bug = inject(monkeypatch, MetricRouter if where == "prefixed" else Session, where)
         with recorded() as messages:
             assert mlflow.log_metric("val_acc", 0.5, step=3) is None  # what MLflow returns
             mlflow.log_metric("val_acc", 0.6, step=4)  # straight to MLflow: no second warning
@@ -144,7 +148,7 @@ def test_a_bug_in_the_log_batch_patch_still_logs_the_metrics(tracking, digits, m
 
 def test_a_bug_at_run_end_still_ends_the_run(tracking, digits, monkeypatch):
     mlflow_ema.autolog()
-    bug = inject(monkeypatch, _Session, "on_run_end")
+    bug = inject(monkeypatch, "mlflow_ema.run_end", "end_of_run")
     runs = []
     with recorded() as messages:
         for _ in range(2):  # the second run ends straight through MLflow
@@ -165,7 +169,7 @@ def test_a_bug_at_run_end_still_ends_the_run(tracking, digits, monkeypatch):
 
 def test_a_bug_in_model_discovery_leaves_training_alone(tracking, digits, monkeypatch, untouched):
     mlflow_ema.autolog()
-    bug = inject(monkeypatch, _Session, "resolve")
+    bug = inject(monkeypatch, Session, "resolve")
     model = make_net()
     with mlflow.start_run() as run, recorded() as messages:
         train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), digits, 6)
@@ -215,7 +219,7 @@ def test_a_bug_in_watchs_optimizer_hooks_leaves_training_alone(tracking, digits,
 
 def test_a_bug_in_epoch_detection_leaves_the_epoch_loop_alone(tracking, digits, monkeypatch):
     mlflow_ema.autolog(checkpoint_every_n_epochs=1)
-    bug = inject(monkeypatch, _Session, "on_epoch_end")
+    bug = inject(monkeypatch, Session, "on_epoch_end")
     x, y = digits
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=300)
     model = make_net()
@@ -266,7 +270,7 @@ def test_strict_mode_re_raises_and_the_run_still_ends(tracking, digits, monkeypa
         with recorded() as messages, pytest.raises(RuntimeError, match=BUG):
             train_steps(model, opt, digits, 1)
     assert messages == [] and BOUNDARY.is_on("optimizer_post_step")
-    inject(monkeypatch, _Session, "on_run_end")
+    inject(monkeypatch, "mlflow_ema.run_end", "end_of_run")
     run = mlflow.start_run()
     with pytest.raises(RuntimeError, match=BUG):
         mlflow.end_run()
@@ -322,11 +326,11 @@ def lightning_untouched(digits) -> dict[str, torch.Tensor]:
 
 
 LIGHTNING_BUGS = {
-    "setup": (_Session, "add"),
+    "setup": (Session, "add"),
     "on_train_batch_end": (EMA, "update"),
     "on_validation_start": (EMA, "swap"),
     "on_validation_end": ("mlflow_ema.lightning", "_validation_metric_names"),  # with EMA weights in
-    "on_fit_end": (_Session, "checkpoint"),
+    "on_fit_end": (Checkpoints, "take"),
 }
 
 
@@ -351,7 +355,7 @@ def test_a_bug_in_a_lightning_hook_leaves_fit_alone(
     assert_reported(messages, logger.run_id, "lightning_callback")
     assert same(model.state_dict(), lightning_untouched)  # raw weights all along, as without the callback
     assert mlflow.get_run(logger.run_id).info.status == "FINISHED"
-    assert _SESSION.watched == [] and not _SESSION._prefix_threads
+    assert _SESSION.watched == [] and not _SESSION.routing.prefixing
 
 
 def test_a_bug_in_the_lightning_entry_point_still_builds_the_trainer(tracking, lightning_setup, monkeypatch):
@@ -448,7 +452,7 @@ def _fsdp_main() -> None:
         def full_disk(folder, state_dict):
             raise RuntimeError("no space left on device")
 
-        tracking_module.save_part = full_disk
+        checkpointing_module.save_part = full_disk
     mlflow_ema.autolog(
         decay=0.8, checkpoint_every_n_steps=5, checkpoint_at_end=False, sharded_save_dir=args.parts_dir
     )

@@ -1,0 +1,41 @@
+"""The models a session keeps an EMA of, and what drives each one."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from torch import nn
+
+from mlflow_ema.ema import EMA
+
+Driver = Literal["autolog", "watch", "lightning"]  # who steps the EMA: autolog's hooks, watch's, the callback
+
+
+@dataclasses.dataclass(eq=False)
+class Watched:
+    """A model the session keeps an EMA of. Its counters:
+
+    - ``optimizer_steps``: steps of its (first) optimizer the hooks saw; step checkpoints
+      fall due on it, the same on every rank;
+    - ``epochs``: epochs that ended while it trained (exhausted ``DataLoader`` iterators);
+    - ``ema.step`` / ``ema.num_updates`` (on the EMA): updates asked for / averaged.
+    """
+
+    model: nn.Module
+    ema: EMA
+    optimizers: list[Any]
+    schedulers: list[Any]
+    name: str | None
+    driver: Driver
+    run_tags: dict[str, str]  # set on its run with the first checkpoint
+    epochs: int = 0
+    optimizer_steps: int = 0
+    run_id: str | None = None  # the active run at its last step: the run it belongs to
+    sharded: bool = False  # DTensor parameters (FSDP2): checkpoints are collectives
+    last_sharded_step: int | None = None  # step of a sharded model's last checkpoint, alike on every rank
+
+    @property
+    def prefix(self) -> str:
+        """Checkpoint names of a named model start with it: ``<name>-raw-step<N>``."""
+        return f"{self.name}-" if self.name else ""

@@ -1,0 +1,74 @@
+"""The package's size rules: no class over 200 lines of code and no function over 60, in
+``mlflow_ema/`` and ``cli/``. Code lines only: docstrings, comments, blank lines and
+decorators are free.
+
+Run it as a script to list the largest: ``python tests/test_code_size.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import sys
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = ("mlflow_ema", "cli")
+MAX_CLASS, MAX_FUNCTION = 200, 60
+
+
+def code_lines(source: str) -> set[int]:
+    """Line numbers holding code: not blank, not only a comment, not in a docstring."""
+    lines: set[int] = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            continue
+        if token.type == tokenize.ENDMARKER:
+            continue
+        lines.update(range(token.start[0], token.end[0] + 1))
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                lines.difference_update(range(body[0].lineno, body[0].end_lineno + 1))
+    return lines
+
+
+def sizes() -> list[tuple[int, int, str, str]]:
+    """(code lines, limit, kind, "path:line name") of every class and function."""
+    found = []
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            source = path.read_text()
+            code = code_lines(source)
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    start = node.lineno  # decorators sit above lineno: free
+                    count = len([n for n in code if start <= n <= node.end_lineno])
+                    kind, limit = (
+                        ("class", MAX_CLASS) if isinstance(node, ast.ClassDef) else ("function", MAX_FUNCTION)
+                    )
+                    where = f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+                    found.append((count, limit, kind, where))
+    return found
+
+
+def test_no_class_over_200_and_no_function_over_60_lines_of_code():
+    over = [f"{kind} {where}: {count} > {limit}" for count, limit, kind, where in sizes() if count > limit]
+    assert not over, "\n".join(over)
+
+
+def test_the_counter_counts_code_only():
+    source = (
+        'def f():\n    """Doc\n    string."""\n    # comment\n\n    x = 1\n    return (x +\n            1)\n'
+    )
+    assert sorted(code_lines(source)) == [1, 6, 7, 8]
+
+
+if __name__ == "__main__":
+    rows = sorted(sizes(), reverse=True)
+    for count, limit, kind, where in rows[: int(sys.argv[1]) if len(sys.argv) > 1 else 25]:
+        flag = "  OVER" if count > limit else ""
+        print(f"{count:5d} / {limit:3d}  {kind:8s} {where}{flag}")
