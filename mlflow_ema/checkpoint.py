@@ -373,7 +373,7 @@ def _write_weights(
     all_finite = True
     for i, names in enumerate(shards, 1):
         name = WEIGHTS_FILE if len(shards) == 1 else SHARD_FILE.format(i, len(shards))
-        shard = {n: _host(tensors[n]) for n in names}  # one shard on the CPU at a time
+        shard = {n: _cpu_copy(tensors[n]) for n in names}  # one shard on the CPU at a time
         # one metadata key: safetensors writes them in hash order, and files would differ run to run
         save_file(shard, staging / name, metadata={"format": "pt"})
         all_finite = all_finite and all(_finite(t) for t in shard.values())
@@ -404,7 +404,7 @@ def verify_checkpoint(path: str | os.PathLike) -> Manifest:
     the weights' headers (and a sharded checkpoint's index) agree; returns the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
-    in_order(lambda item: check_file(path / item[0], item[1]), list(manifest.files.items()))
+    parallel_map(lambda item: check_file(path / item[0], item[1]), list(manifest.files.items()))
     WeightsReader(path, manifest).close()
     return manifest
 
@@ -419,7 +419,7 @@ def load_checkpoint(
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
-        in_order(lambda item: check_file(path / item[0], item[1]), list(manifest.files.items()))
+        parallel_map(lambda item: check_file(path / item[0], item[1]), list(manifest.files.items()))
     tensors: dict[str, torch.Tensor] = {}
     with WeightsReader(path, manifest) as reader:  # headers bounded and checked, index against shards
         for f in reader.files.values():
@@ -462,7 +462,7 @@ def check_file(file: Path, expected: Mapping[str, Any]) -> None:
         )
 
 
-def in_order(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
+def parallel_map(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
     """``fn`` on every item in parallel threads (sha256 is the slow part, ~1.2 GB/s a core, and
     hashlib releases the GIL); the first item's error in order is raised, the rest cancelled."""
     items = list(items)
@@ -803,7 +803,7 @@ def _unshare(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return tensors, aliases
 
 
-def _host(tensor: torch.Tensor) -> torch.Tensor:
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor that owns its storage (safetensors refuses shared memory)."""
     tensor = tensor.cpu().contiguous()
     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():

@@ -167,14 +167,14 @@ class Checkpoints:
         ``w``, of the run ``run_id``, or all) and queue them for upload. If taking it fails,
         the weights are queued all the same, without a training state, then the error raised."""
         waiting, self.pending, error = self.pending, [], None
-        for owner, job, at_step in waiting:
-            if (w is not None and owner is not w) or (run_id is not None and job.run_id != run_id):
-                self.pending.append((owner, job, at_step))
+        for model, job, at_step in waiting:
+            if (w is not None and model is not w) or (run_id is not None and job.run_id != run_id):
+                self.pending.append((model, job, at_step))
                 continue
             try:
                 now = take_snapshot(
-                    {"optimizers": [o.state_dict() for o in owner.optimizers],
-                     "schedulers": [s.state_dict() for s in owner.schedulers]}
+                    {"optimizers": [o.state_dict() for o in model.optimizers],
+                     "schedulers": [s.state_dict() for s in model.schedulers]}
                 )  # fmt: skip
                 job.parts[0].training_state = MergedSnapshots([at_step, now])
             except Exception as e:

@@ -106,7 +106,7 @@ class Ledger:
             run = self._runs.get(run_id)
             return list(run.checkpoints) if run else []
 
-    def take_unlinked(self, record: CheckpointRecord) -> list[MetricRecord]:
+    def unlinked_metrics(self, record: CheckpointRecord) -> list[MetricRecord]:
         """The metrics ``record`` claims and has not linked yet; they count as linked
         once :meth:`mark_linked` is called, and are handed out again otherwise."""
         with self._lock:

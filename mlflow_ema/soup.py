@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mlflow_ema.checkpoint import Manifest, WeightsReader, _finite, check_file, in_order, read_manifest
+from mlflow_ema.checkpoint import Manifest, WeightsReader, _finite, check_file, parallel_map, read_manifest
 from mlflow_ema.errors import AveragingError, CheckpointError
 
 _CHUNK = 1 << 22  # bytes read per member at a time
@@ -68,7 +68,7 @@ def check_members(
     if verify:  # every file of every member, shards included, in parallel; errors in rank order
         files = [(m, name, expected) for m, manifest in zip(members, manifests, strict=True)
                  for name, expected in manifest.files.items()]  # fmt: skip
-        in_order(lambda job: _as_member(job[0], check_file, job[0].path / job[1], job[2]), files)
+        parallel_map(lambda job: _as_member(job[0], check_file, job[0].path / job[1], job[2]), files)
     for member, manifest in zip(members, manifests, strict=True):
         if not manifest.all_finite:
             raise AveragingError(f"{member.name} has NaN or infinite weights")

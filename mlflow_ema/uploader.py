@@ -276,7 +276,7 @@ class Uploader:
     def _link(self, client, record: CheckpointRecord) -> None:
         from mlflow.entities import Metric
 
-        metrics = self.ledger.take_unlinked(record)
+        metrics = self.ledger.unlinked_metrics(record)
         if not metrics or record.model_id is None:
             return
         batch = [

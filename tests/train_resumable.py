@@ -1,7 +1,10 @@
 """A training script for the resume test: ``full``, ``killed`` or ``resume``.
 
 ``killed`` trains with checkpoints every 10 steps and is SIGKILLed at step 25, after
-the step-20 checkpoint is uploaded; ``resume`` continues that run to step 30.
+the step-20 checkpoint is uploaded; ``resume`` continues that run to step 30. The
+scheduler, stepped after every optimizer step, is ``$RESUME_SCHEDULER``: ``step7``
+(StepLR, step_size 7: the default), ``step10`` (StepLR, step_size 10: the lr changes on
+the steps that checkpoint) or ``cosine`` (CosineAnnealingLR over the 30 steps).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from sklearn.datasets import load_digits
 import mlflow_ema
 
 TOTAL, KILL_AT = 30, 25
+SCHEDULERS = {
+    "step7": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5),
+    "step10": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5),
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=TOTAL),
+}
 
 
 def main(mode: str, run_id: str | None = None) -> None:
@@ -27,7 +35,7 @@ def main(mode: str, run_id: str | None = None) -> None:
     model = make_net()
     model[2] = torch.nn.Dropout(0.2)  # consumes RNG: the resumed run must restore it
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+    sched = SCHEDULERS[os.environ.get("RESUME_SCHEDULER", "step7")](opt)
 
     def after_step():
         sched.step()
