@@ -30,10 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mlflow_ema.errors import MlflowEmaError
-
-# As mlflow_ema.checkpoint.DEFAULT_MAX_SHARD_SIZE (which imports torch; tests/test_sharded.py
-# checks that they agree): the Hugging Face default, 5 * 10**9 bytes.
-DEFAULT_MAX_SHARD_SIZE = "5GB"
+from mlflow_ema.sizes import DEFAULT_MAX_SHARD_SIZE
 
 
 def option(

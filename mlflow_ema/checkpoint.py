@@ -34,7 +34,6 @@ the library's ``safe_open``).
 from __future__ import annotations
 
 import dataclasses
-import decimal
 import hashlib
 import json
 import os
@@ -55,6 +54,7 @@ from safetensors.torch import save_file
 
 from mlflow_ema._version import __version__
 from mlflow_ema.errors import CheckpointError, ChecksumMismatchError
+from mlflow_ema.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 FORMAT = "mlflow-ema-checkpoint"
 FORMAT_VERSION = 2  # 2: the weights may be sharded (format 1: always model.safetensors)
@@ -64,11 +64,6 @@ SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
 MANIFEST_FILE = "manifest.json"
 TRAINING_STATE_FILE = "training_state.pt"
 KINDS = ("raw", "ema", "soup")
-DEFAULT_MAX_SHARD_SIZE = "5GB"  # the Hugging Face default (5 * 10**9 bytes)
-_SIZE_UNITS = {
-    "B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
-}  # fmt: skip
 # A forged length in a safetensors file's first 8 bytes would allocate up to 16 EB: refuse
 # anything over the safetensors library's own limit before reading a byte of the header.
 MAX_HEADER_BYTES = 100 * 10**6
@@ -254,26 +249,6 @@ def weights_digest(manifest: Manifest) -> str:
         return manifest.files[WEIGHTS_FILE]["sha256"]
     listing = "".join(f"{manifest.files[name]['sha256']}  {name}\n" for name in weight_files(manifest))
     return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def parse_size(size: int | str | None) -> int | None:
-    """``max_shard_size`` in bytes: an int, or a string such as ``"5GB"`` (10**9, as Hugging
-    Face), ``"500MB"`` or ``"2GiB"`` (2**30). None (never shard) stays None."""
-    if size is None:
-        return None
-    value = None
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
-        if match and (match.group(2) or "B") in _SIZE_UNITS:
-            value = int(decimal.Decimal(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"])
-    if value is None or value < 1:
-        raise ValueError(
-            f"max_shard_size must be a positive number of bytes or a size such as '5GB', '500MB' or '2GiB' "
-            f"(units {', '.join(_SIZE_UNITS)}), got {size!r}"
-        )
-    return value
 
 
 def init_fingerprint(state_dict: Mapping[str, Any]) -> str:
