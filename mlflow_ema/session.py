@@ -7,7 +7,8 @@ when due, :class:`mlflow_ema.checkpointing.Checkpoints` -> snapshot -> upload th
 through :mod:`mlflow_ema.routing` (the ``ema/`` prefix) to the ledger, which links them to
 checkpoints. At the run's end, :mod:`mlflow_ema.run_end`.
 
-The calls the Lightning callback uses are marked "Lightning" below; it uses nothing else.
+The calls the Lightning callback uses are marked "Lightning" below and listed in
+:data:`LIGHTNING_API`; it uses nothing else (``tests/test_code_size.py`` checks).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ from mlflow_ema.safety import BOUNDARY, SHARDED
 from mlflow_ema.tags import RUN_TAG_MODEL_CLASS, RUN_TAG_MODEL_FACTORY, RUN_TAG_MODEL_KWARGS
 from mlflow_ema.uploader import Uploader, UploadJob
 from mlflow_ema.watched import Driver, Watched
+
+# What mlflow_ema.lightning may use of the session: the methods marked "Lightning", and the
+# documented parts (``config``, ``autolog_on``, ``routing``'s ema/ calls, ``checkpoints.take``).
+LIGHTNING_API = frozenset({
+    "install_run_hooks", "add", "bind_optimizers", "remove", "before_own_step", "count_step", "flush",
+    "config", "autolog_on", "routing.ema_weights_in", "routing.remember_ema_keys", "routing.forget_ema_keys",
+    "checkpoints.take",
+})  # fmt: skip
 
 
 class Session:

@@ -60,6 +60,28 @@ def test_no_class_over_200_and_no_function_over_60_lines_of_code():
     assert not over, "\n".join(over)
 
 
+def test_lightning_uses_only_what_the_session_documents_for_it():
+    """``mlflow_ema/lightning.py`` reaches the session only through ``LIGHTNING_API``."""
+    from mlflow_ema.session import LIGHTNING_API
+
+    tree = ast.parse((ROOT / "mlflow_ema" / "lightning.py").read_text())
+    used = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "SESSION"
+        ):
+            used.add(node.attr)
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+              and isinstance(node.value.value, ast.Name) and node.value.value.id == "SESSION"):  # fmt: skip
+            used.add(f"{node.value.attr}.{node.attr}")
+    used = {name.split(".")[0] if name.startswith("config.") else name for name in used}  # its options
+    parts = {name for name in used if "." not in name and any(u.startswith(name + ".") for u in used)}
+    assert used - parts <= LIGHTNING_API, sorted(used - parts - LIGHTNING_API)
+    assert used, "the check found no use of SESSION: is it still named so?"
+
+
 def test_the_counter_counts_code_only():
     source = (
         'def f():\n    """Doc\n    string."""\n    # comment\n\n    x = 1\n    return (x +\n            1)\n'
