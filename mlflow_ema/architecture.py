@@ -9,10 +9,10 @@ the tracking server can write, never a reason to run code.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mlflow_ema.average_options import json_object
 from mlflow_ema.errors import IncompatibleModelError, MlflowEmaError
 from mlflow_ema.tags import (
     RUN_TAG_MODEL_CLASS,
@@ -84,13 +84,7 @@ def build_model(
 
 
 def _kwargs(text: str, run_id: str) -> dict[str, Any]:
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MlflowEmaError(f"run {run_id}: the recorded model arguments are not valid JSON ({e})") from None
-    if not isinstance(kwargs, dict):
-        raise MlflowEmaError(f"run {run_id}: the recorded model arguments are not a JSON object")
-    return kwargs
+    return json_object(text, f"run {run_id}: the recorded model arguments") or {}
 
 
 def load_weights(model: Any, state_dict: Mapping[str, Any], *, what: str = "the weights") -> None:

@@ -111,17 +111,38 @@ def register_soup(
     ``mlflow_ema.incomplete=true`` and deleted with its artifacts and models, and the
     version (and the registered model, if this call created it) is deleted; the error says so."""
     import mlflow
+    from mlflow import MlflowClient
 
     check_model_name(name)
     if alias:
         check_alias(alias)
     load_weights(model, state_dict, what="the averaged weights")
     existed = _registered_model_exists(name)
-    made: dict[str, Any] = {}
+    made: dict[str, Any] = {}  # what exists so far, for the clean-up
     try:
-        return _log_and_register(state_dict, members, model=model, name=name, alias=alias,
-                                 experiment_id=experiment_id, strategy=strategy, metric=metric, params=params,
-                                 soup_value=soup_value, max_shard_size=max_shard_size, made=made)  # fmt: skip
+        with (
+            mlflow.start_run(experiment_id=experiment_id, run_name=f"soup-{name}") as run,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            made["run_id"] = run.info.run_id
+            manifest, sources = _log_soup(Path(tmp), state_dict, members, strategy=strategy, metric=metric,
+                                          params=params, soup_value=soup_value, max_shard_size=max_shard_size)  # fmt: skip
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                serialization_format="pickle",  # loads back as the user's module, not a GraphModule
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"mlflow=={mlflow.__version__}",
+                ],
+            )
+            sha256 = weights_digest(manifest)
+            tags = {TAG_SOURCES: json.dumps(sources), TAG_STRATEGY: strategy, TAG_SHA256: sha256,
+                    TAG_VERSION: __version__}  # fmt: skip
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
+            made["version"] = version.version
+            if alias:
+                MlflowClient().set_registered_model_alias(name, alias, version.version)
     except BaseException as e:
         if mlflow.active_run() is not None and mlflow.active_run().info.run_id == made.get("run_id"):
             mlflow.end_run("FAILED")
@@ -129,70 +150,44 @@ def register_soup(
         if not isinstance(e, Exception):
             raise
         raise RegistryError(f"registering the soup failed ({_first_line(e)}); {cleaned}") from e
+    return RegisteredSoup(run.info.run_id, info.model_uri, name, str(version.version), alias, sha256)
 
 
-def _log_and_register(
+def _log_soup(
+    tmp: Path,
     state_dict: Mapping[str, torch.Tensor],
     members: Sequence[tuple[Candidate, float, Manifest]],
     *,
-    model: torch.nn.Module,
-    name: str,
-    alias: str | None,
-    experiment_id: str,
     strategy: str,
     metric: str,
     params: Mapping[str, Any],
     soup_value: float | None,
     max_shard_size: int | str | None,
-    made: dict[str, Any],
-) -> RegisteredSoup:
-    """The steps of :func:`register_soup`; ``made`` records what exists so far, for clean-up."""
+) -> tuple[Manifest, list[dict[str, Any]]]:
+    """The soup run's params, metrics and artifacts (``soup/``, ``soup.png``), in the active
+    run; returns the soup's manifest and the members' sources."""
     import mlflow
-    from mlflow import MlflowClient
 
-    fingerprints = {m.init_fingerprint for _, _, m in members}
     sources = [
         {"run_id": c.run_id, "model_id": c.model_id, "step": c.step, "value": c.value, "weight": w,
          "sha256": weights_digest(m)}
         for c, w, m in members
     ]  # fmt: skip
-    with (
-        mlflow.start_run(experiment_id=experiment_id, run_name=f"soup-{name}") as run,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        made["run_id"] = run.info.run_id
-        mlflow.log_params(
-            {**{k: _param(v) for k, v in params.items()}, "strategy": strategy, "members": len(members)}
-        )
-        mlflow.log_metrics(
-            {f"member/{i}/{metric}": c.value for i, (c, _, _) in enumerate(members) if c.value is not None}
-        )
-        if soup_value is not None:
-            mlflow.log_metric(metric, soup_value)
-        manifest = save_checkpoint(
-            Path(tmp) / "soup",
-            state_dict,
-            kind="soup",
-            init_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,
-            metadata={"strategy": strategy, "sources": sources},
-            max_shard_size=max_shard_size,
-        )
-        mlflow.log_artifacts(str(Path(tmp) / "soup"), artifact_path="soup")
-        mlflow.log_artifact(str(_chart(members, metric, soup_value, Path(tmp) / "soup.png")))
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            serialization_format="pickle",  # loads back as the user's module, not a GraphModule
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        )
-        sha256 = weights_digest(manifest)
-        tags = {TAG_SOURCES: json.dumps(sources), TAG_STRATEGY: strategy, TAG_SHA256: sha256,
-                TAG_VERSION: __version__}  # fmt: skip
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
-        made["version"] = version.version
-        if alias:
-            MlflowClient().set_registered_model_alias(name, alias, version.version)
-    return RegisteredSoup(run.info.run_id, info.model_uri, name, str(version.version), alias, sha256)
+    mlflow.log_params(
+        {**{k: _param(v) for k, v in params.items()}, "strategy": strategy, "members": len(members)}
+    )
+    mlflow.log_metrics(
+        {f"member/{i}/{metric}": c.value for i, (c, _, _) in enumerate(members) if c.value is not None}
+    )
+    if soup_value is not None:
+        mlflow.log_metric(metric, soup_value)
+    fingerprints = {m.init_fingerprint for _, _, m in members}
+    manifest = save_checkpoint(tmp / "soup", state_dict, kind="soup",
+                               init_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,
+                               metadata={"strategy": strategy, "sources": sources}, max_shard_size=max_shard_size)  # fmt: skip
+    mlflow.log_artifacts(str(tmp / "soup"), artifact_path="soup")
+    mlflow.log_artifact(str(_chart(members, metric, soup_value, tmp / "soup.png")))
+    return manifest, sources
 
 
 def _registered_model_exists(name: str) -> bool:

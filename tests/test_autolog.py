@@ -339,15 +339,21 @@ def test_a_killed_run_resumes_to_a_bit_identical_ema(tracking, tmp_path):
         m.tags["mlflow_ema.step"] for m in logged_models(killed) if m.tags["mlflow_ema.kind"] == "raw"
     ] == ["10", "20"]
     assert run_script("resume", killed) == killed
+    assert_same_final_checkpoints(full, killed, tmp_path)
+
+
+def assert_same_final_checkpoints(full: str, resumed: str, tmp_path: Path, step: int = 30) -> None:
+    """The raw and EMA checkpoints of ``step`` are bit-identical in both runs."""
     final = {}
-    for run_id in (full, killed):
-        models = [m for m in logged_models(run_id) if m.tags["mlflow_ema.step"] == "30"]
+    for run_id in (full, resumed):
+        models = [m for m in logged_models(run_id) if m.tags["mlflow_ema.step"] == str(step)]
         final[run_id] = {
             m.tags["mlflow_ema.kind"]: load_checkpoint(download(m, tmp_path)).state_dict for m in models
         }
+    assert sorted(final[resumed]) == sorted(final[full]) == ["ema", "raw"]
     for kind in ("raw", "ema"):
         for key, value in final[full][kind].items():
-            assert torch.equal(final[killed][kind][key], value), (kind, key)
+            assert torch.equal(final[resumed][kind][key], value), (kind, key)
 
 
 def test_resume_refuses_a_run_without_training_state(tracking, digits):

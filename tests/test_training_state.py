@@ -8,10 +8,10 @@ import mlflow
 import pytest
 import torch
 from helpers import digits_batches, logged_models, make_mlp
-from test_autolog import download, run_script
+from test_autolog import assert_same_final_checkpoints, download, run_script
 
 import mlflow_ema
-from mlflow_ema import load_checkpoint, load_training_state
+from mlflow_ema import load_training_state
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "step10"])
@@ -22,16 +22,7 @@ def test_a_killed_run_resumes_bit_for_bit_with_its_scheduler(tracking, tmp_path,
     full = run_script("full")
     killed = run_script("killed")
     assert run_script("resume", killed) == killed
-    final = {}
-    for run_id in (full, killed):
-        models = [m for m in logged_models(run_id) if m.tags["mlflow_ema.step"] == "30"]
-        final[run_id] = {
-            m.tags["mlflow_ema.kind"]: load_checkpoint(download(m, tmp_path)).state_dict for m in models
-        }
-    assert sorted(final[killed]) == ["ema", "raw"]
-    for kind in ("raw", "ema"):
-        for key, value in final[full][kind].items():
-            assert torch.equal(final[killed][kind][key], value), (kind, key)
+    assert_same_final_checkpoints(full, killed, tmp_path)
 
 
 def test_two_models_stepping_at_different_rates_with_training_state(tracking, tmp_path):
