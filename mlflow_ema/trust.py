@@ -86,7 +86,7 @@ def check_recorded(spec: str, prefixes: Iterable[str], *, what: str) -> None:
         )
     if not is_trusted(module, prefixes):
         how = (
-            "give --model-factory"
+            f"{module.split('.')[0]} is the standard library, which --trust-module never covers: give --model-factory"
             if _standard_library(module)
             else f"if {module} is your own code, pass --trust-module {module.split('.')[0]} (or set {TRUST_ENV}); "
             "else give --model-factory"

@@ -96,7 +96,8 @@ def test_a_callable_named_by_a_tag_is_never_run(cli, tmp_path, tags):
     spec = tags.get(FACTORY) or tags["mlflow_ema.model_class"]
     assert "recorded" in line and repr(spec) in line and "only if you trust it" in line
     assert "run " in line and "--model-factory" in line
-    assert "--trust-module" not in line  # never the advice to trust the standard library
+    assert "--trust-module os" not in line and "--trust-module subprocess" not in line  # never that advice
+    assert "is the standard library, which --trust-module never covers" in line
     assert not (tmp_path / "PWNED").exists()
     assert MlflowClient().search_registered_models() == []
 
