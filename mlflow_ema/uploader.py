@@ -239,19 +239,7 @@ class Uploader:
     ) -> None:
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-        tags = {
-            **tags,
-            TAG_KIND: record.kind,
-            TAG_STEP: str(record.step),
-            TAG_ALL_FINITE: str(manifest.all_finite).lower(),
-            TAG_SHA256: weights_digest(manifest),
-            TAG_FORMAT_VERSION: str(manifest.format_version),
-            TAG_TRAINING_STATE: str(TRAINING_STATE_FILE in manifest.files).lower(),
-        }
-        if record.epoch is not None:
-            tags[TAG_EPOCH] = str(record.epoch)
-        if manifest.init_fingerprint:
-            tags[TAG_INIT_FINGERPRINT] = manifest.init_fingerprint
+        tags = checkpoint_tags(record, manifest, tags)
         experiment_id = self._experiment_id(client, job.run_id)
         if record.model_id is None:
             model = self.retry.call(
@@ -314,11 +302,37 @@ class Uploader:
                 self._client(job.tracking_uri).finalize_logged_model(
                     record.model_id, LoggedModelStatus.FAILED
                 )
-        destination = (self.unsent_dir or Path.cwd() / "mlflow-ema-unsent") / job.run_id / record.name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if destination.exists():
-            shutil.rmtree(destination)
-        shutil.move(str(folder), destination)
+        destination = _keep_on_disk(
+            folder, (self.unsent_dir or Path.cwd() / "mlflow-ema-unsent") / job.run_id
+        )
         message = f"{record.name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} (kept at {destination})"
         self.ledger.record_failure(job.run_id, message)
         _logger.warning("mlflow-ema: could not upload checkpoint %s", message)
+
+
+def checkpoint_tags(record: CheckpointRecord, manifest: Any, extra: dict[str, str]) -> dict[str, str]:
+    """The tags of a checkpoint's LoggedModel (see :mod:`mlflow_ema.tags`)."""
+    tags = {
+        **extra,
+        TAG_KIND: record.kind,
+        TAG_STEP: str(record.step),
+        TAG_ALL_FINITE: str(manifest.all_finite).lower(),
+        TAG_SHA256: weights_digest(manifest),
+        TAG_FORMAT_VERSION: str(manifest.format_version),
+        TAG_TRAINING_STATE: str(TRAINING_STATE_FILE in manifest.files).lower(),
+    }
+    if record.epoch is not None:
+        tags[TAG_EPOCH] = str(record.epoch)
+    if manifest.init_fingerprint:
+        tags[TAG_INIT_FINGERPRINT] = manifest.init_fingerprint
+    return tags
+
+
+def _keep_on_disk(folder: Path, unsent: Path) -> Path:
+    """Move a checkpoint that could not be uploaded to ``unsent/<its name>``; returns where."""
+    destination = unsent / folder.name
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists():
+        shutil.rmtree(destination)
+    shutil.move(str(folder), destination)
+    return destination
