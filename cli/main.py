@@ -229,21 +229,26 @@ def ls_command(top_k: int, as_json: bool, **params: Any) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check.")
 @json_option
 def inspect(checkpoint, no_verify, as_json):
-    """Show a checkpoint's manifest and tensors: a local folder or models:/<model_id>."""
+    """Show a checkpoint's manifest and tensors: a local folder, models:/<model_id> (a run's
+    checkpoint), models:/NAME@ALIAS or models:/NAME/VERSION (a registered soup), runs:/..."""
     import tempfile
     from pathlib import Path
 
-    from mlflow_ema.checkpoint import read_manifest, verify_checkpoint
+    from mlflow_ema.checkpoint import read_manifest, verify_checkpoint, weights_digest
+    from mlflow_ema.errors import ChecksumMismatchError
+    from mlflow_ema.loading import download_checkpoint, is_uri
     from mlflow_ema.soup import tensor_specs
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(checkpoint)
-        if checkpoint.startswith(("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://")):
-            import mlflow
-
+        path, expected = Path(checkpoint), None
+        if is_uri(checkpoint):
             _open_store()
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=checkpoint, dst_path=tmp))
+            path, expected = download_checkpoint(checkpoint, Path(tmp))
         manifest = read_manifest(path) if no_verify else verify_checkpoint(path)
+        if expected is not None and not no_verify and weights_digest(manifest) != expected:
+            raise ChecksumMismatchError(
+                f"{checkpoint}: the soup's weights do not match the version's sha256 tag"
+            )
         tensors = tensor_specs(path)
     data = {"manifest": vars(manifest), "tensors": tensors}
     lines = [f"{k}: {v}" for k, v in vars(manifest).items() if k not in ("files", "metadata", "aliases")]

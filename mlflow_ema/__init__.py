@@ -33,7 +33,8 @@ _EXPORTS = {
     "Checkpoint": "mlflow_ema.checkpoint",
     "Manifest": "mlflow_ema.checkpoint",
     "save_checkpoint": "mlflow_ema.checkpoint",
-    "load_checkpoint": "mlflow_ema.checkpoint",
+    "load_checkpoint": "mlflow_ema.loading",
+    "load_state_dict": "mlflow_ema.loading",
     "load_training_state": "mlflow_ema.checkpoint",
     "read_manifest": "mlflow_ema.checkpoint",
     "verify_checkpoint": "mlflow_ema.checkpoint",
@@ -76,6 +77,7 @@ __all__ = [
     "get_ema",
     "init_fingerprint",
     "load_checkpoint",
+    "load_state_dict",
     "load_training_state",
     "log_checkpoint",
     "promote",
@@ -107,7 +109,6 @@ if TYPE_CHECKING:
         Checkpoint,
         Manifest,
         init_fingerprint,
-        load_checkpoint,
         load_training_state,
         read_manifest,
         save_checkpoint,
@@ -125,6 +126,7 @@ if TYPE_CHECKING:
         StoreError,
         UntrustedCodeError,
     )
+    from mlflow_ema.loading import load_checkpoint, load_state_dict
     from mlflow_ema.registry import promote
     from mlflow_ema.schedules import (
         BiasCorrectedDecay,

@@ -48,3 +48,14 @@ def test_subcommand_help_imports_neither_torch_nor_mlflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert "--register-as" in out.stdout and "--if-better" in out.stdout
+
+
+def test_no_module_of_the_package_hides_an_exported_name():
+    """Importing ``mlflow_ema.<module>`` sets that attribute on the package: a module named
+    like an export (``resume``) would replace the function."""
+    import pkgutil
+
+    import mlflow_ema
+
+    modules = {m.name for m in pkgutil.iter_modules(mlflow_ema.__path__)}
+    assert not modules & set(mlflow_ema.__all__)
