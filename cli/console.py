@@ -41,9 +41,11 @@ class Command(click.Command):
         if ctx.find_root().params.get("debug"):
             ctx.meta[_NOTES] = None  # live
             with contextlib.redirect_stdout(sys.stderr):
+                _use_tracking_uri(ctx)
                 return super().invoke(ctx)
         ctx.meta[_NOTES] = None if sys.stderr.isatty() else []
         with _quiet_libraries() as caught:
+            _use_tracking_uri(ctx)  # importing mlflow may warn: quietly
             result = super().invoke(ctx)
         for warning in caught:  # ours only: the libraries' are not the user's business here
             text = str(warning.message)
@@ -52,6 +54,15 @@ class Command(click.Command):
         for line in ctx.meta[_NOTES] or ():
             click.echo(line, file=ctx.meta[_ERR])
         return result
+
+
+def _use_tracking_uri(ctx: click.Context) -> None:
+    """``--tracking-uri`` (the group's option), for MLflow."""
+    uri = (ctx.find_root().obj or {}).get("tracking_uri")
+    if uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
 
 
 @contextlib.contextmanager

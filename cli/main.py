@@ -79,11 +79,7 @@ def main(ctx: click.Context, tracking_uri: str | None, debug: bool) -> None:
       mlflow-ema promote digits-soup --from-alias candidate --to champion --if-better ema/val_acc
       mlflow-ema inspect models:/<model_id>              a checkpoint's manifest and tensors
     """
-    ctx.obj = {"tracking_uri": tracking_uri}
-    if tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
+    ctx.obj = {"tracking_uri": tracking_uri}  # set by each command, once its output is quiet
 
 
 def _experiments(experiments: tuple[str, ...], run_id: str | None) -> tuple[str, ...]:
