@@ -82,6 +82,23 @@ def test_lightning_uses_only_what_the_session_documents_for_it():
     assert used, "the check found no use of SESSION: is it still named so?"
 
 
+def test_torch_load_only_with_weights_only():
+    """No pickle: every ``torch.load`` in the repository passes ``weights_only=True``."""
+    unsafe = []
+    for folder in (*FOLDERS, "tests", "examples", "benchmarks", "mlruns_fixtures"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):  # fmt: skip
+                    safe = any(
+                        k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                        for k in node.keywords
+                    )
+                    if not safe:
+                        unsafe.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not unsafe, unsafe
+
+
 def test_the_counter_counts_code_only():
     source = (
         'def f():\n    """Doc\n    string."""\n    # comment\n\n    x = 1\n    return (x +\n            1)\n'

@@ -422,7 +422,7 @@ def test_fsdp2_checkpoint_failing_on_one_rank_is_switched_off_on_every_rank(trac
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    got = torch.load(out / "raw.pt")
+    got = torch.load(out / "raw.pt", weights_only=True)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
 
