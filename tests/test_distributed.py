@@ -24,14 +24,23 @@ HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
 
+# A rank aborting in gloo's native shutdown ("terminate called without an active exception",
+# SIGABRT after the ranks' work and results are done) was seen once in ~40 runs here: that run
+# is repeated once; any other failure, or the same one twice, fails the test.
+_SHUTDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(mode: str, out: Path, *extra: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(HERE / "dist_train.py"), "--mode", mode, "--out", str(out), *extra],
-        capture_output=True, text=True, env=env, timeout=240,
-    )  # fmt: skip
+    for attempt in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(free_port()), str(HERE / "dist_train.py"), "--mode", mode, "--out", str(out), *extra],
+            capture_output=True, text=True, env=env, timeout=240,
+        )  # fmt: skip
+        if done.returncode == 0 or attempt == 2 or _SHUTDOWN_ABORT not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
