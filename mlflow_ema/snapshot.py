@@ -197,22 +197,3 @@ class MergedParts:
         finally:
             self.discard()
         return full
-
-
-def save_sharded_parts(
-    model: Any, ema: Any, folders: tuple[Path, Path]
-) -> tuple[MergedParts, MergedParts] | None:
-    """Every rank writes its part of the raw weights and of the EMA into ``folders`` (on a
-    filesystem all ranks see) instead of gathering them; rank 0 gets what merges them.
-    Collective (two barriers): every rank must call it at the same point."""
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:
-        for folder in folders:  # parts an interrupted job left at this step
-            shutil.rmtree(folder, ignore_errors=True)
-    dist.barrier()
-    save_part(folders[0], model.state_dict())
-    save_part(folders[1], ema.model_state_dict())
-    dist.barrier()  # every part is written
-    return (MergedParts(folders[0], world), MergedParts(folders[1], world)) if rank == 0 else None

@@ -84,3 +84,14 @@ def digits_batches(steps: int, batch: int = 64, seed: int = 1000):
     for i in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=torch.Generator().manual_seed(seed + i))
         yield x[idx], y[idx]
+
+
+def run_cli(*args: str, code: int = 0) -> str:
+    """The real click app in-process, which must exit with ``code``; stdout for a successful
+    ``--json``, else everything it printed."""
+    from click.testing import CliRunner
+    from mlflow_ema.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.stdout if code == 0 and "--json" in args else result.output

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import make_net, train_steps
+from helpers import make_net, run_cli, train_steps
 from mlflow import MlflowClient
 
 import mlflow_ema
@@ -82,16 +82,7 @@ def cli(sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EMA_TRUST_MODULES", "helpers")  # the runs record helpers:make_net
     mlflow.set_tracking_uri(uri)
-    runner = CliRunner()
-
-    def invoke(*args: str, code: int = 0) -> str:
-        from mlflow_ema.cli import main
-
-        result = runner.invoke(main, list(args), catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result.stdout if code == 0 and "--json" in args else result.output
-
-    yield invoke
+    yield run_cli
     # each test leaves the registry as it found it
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from click.testing import CliRunner
 from conftest import free_port
+from helpers import run_cli
 from mlflow import MlflowClient
-from mlflow_ema.cli import main
 
 MLFLOW_EMA = str(Path(sys.executable).parent / "mlflow-ema")
 AVERAGE = ("average", "-e", "sweep", "--top-k", "2")
@@ -33,12 +32,7 @@ def cli(small_sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_EMA_TRUST_MODULES", "helpers")
     mlflow.set_tracking_uri(uri)
 
-    def invoke(*args: str, code: int = 0) -> str:
-        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result.stdout if code == 0 and "--json" in args else result.output
-
-    yield invoke
+    yield run_cli
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     for model in client.search_registered_models():

@@ -23,6 +23,7 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import run_cli
 from mlflow import MlflowClient
 
 from mlflow_ema import ChecksumMismatchError, load_checkpoint
@@ -132,13 +133,7 @@ def store(request, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def cli(*args: str, code: int = 0) -> str:
-    """The real click app in-process; stdout for --json, else everything it printed."""
-    from mlflow_ema.cli import main
-
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result.stdout if code == 0 and "--json" in args else result.output
+cli = run_cli  # the real click app in-process (tests/helpers.py)
 
 
 def one_error_line(output: str) -> str:

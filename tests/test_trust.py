@@ -14,9 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from click.testing import CliRunner
+from helpers import run_cli
 from mlflow import MlflowClient
-from mlflow_ema.cli import main
 
 from mlflow_ema import AverageOptions, MlflowEmaError, average_runs
 
@@ -41,12 +40,7 @@ def cli(store, tmp_path, monkeypatch):
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     saved = {r.info.run_id: dict(r.data.tags) for r in runs}
 
-    def invoke(*args: str, code: int = 0) -> str:
-        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result.stdout if code == 0 and "--json" in args else result.output
-
-    yield invoke
+    yield run_cli
     for run_id, tags in saved.items():
         for key in (FACTORY, KWARGS, "mlflow_ema.model_class", "mlflow_ema.model_hparams"):
             if key in tags:
