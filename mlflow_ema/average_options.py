@@ -170,6 +170,13 @@ class AverageOptions:
         None, "--model-kwargs", metavar="JSON", convert=json_object,
         help="Keyword arguments for --model-factory.",
     )  # fmt: skip
+    serialization: str | None = option(
+        None, "--serialization", choices=("pt2", "pickle"), param="serialization", param_if_none="auto",
+        help="How the registered version is written. Default: pt2 (torch.export, no pickle) from the architecture "
+        "the runs recorded; pickle only for runs of mlflow-ema < 0.4, with a warning. pickle needs --model-factory "
+        "(or a trusted recorded factory) and loads only where that code is importable; loading a pickle runs code "
+        "from the file.",
+    )  # fmt: skip
     # module prefixes whose callables recorded on runs may be imported (plus $MLFLOW_EMA_TRUST_MODULES)
     trust_modules: Sequence[str] = option(
         (), "--trust-module", metavar="PREFIX",

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mlflow_ema.capture import architecture_folder
+from mlflow_ema.programs import architecture_path
 from mlflow_ema.safety import BOUNDARY, SHARDED
 from mlflow_ema.snapshot import (
     MergedParts,
@@ -40,7 +42,7 @@ from mlflow_ema.snapshot import (
     save_part,
     take_snapshot,
 )
-from mlflow_ema.tags import TAG_MODEL
+from mlflow_ema.tags import RUN_TAG_ARCHITECTURE_ERROR, TAG_MODEL
 from mlflow_ema.uploader import CheckpointPart, UploadJob
 from mlflow_ema.watched import Watched
 
@@ -109,6 +111,7 @@ class Checkpoints:
         session = self.session
         if not rank_zero():
             return False
+        at_end = run is not None
         run = run or active_run()
         if run is None or session.ledger.has_checkpoint(run[0], step, w.prefix + "raw-"):
             if run is None:
@@ -118,7 +121,13 @@ class Checkpoints:
         epoch = (w.epochs or None) if epoch is None else int(epoch)
         at_step = self._training_state_at_step(w, step, epoch)
         job = session.upload_job(run[0], run[1], self._parts(w, run[0], step, epoch, gathered))
-        job.run_tags = w.run_tags
+        folder = architecture_folder(w, session, run_end=at_end)
+        job.architecture = (architecture_path(w.name), folder) if folder is not None else None
+        job.run_tags = dict(w.run_tags)
+        if w.architecture.error:
+            job.run_tags[RUN_TAG_ARCHITECTURE_ERROR] = (
+                f"{w.name or type(w.model).__name__}: {w.architecture.error}"
+            )
         if at_step is None:
             session.uploader.submit(job)
         else:  # the optimizers' and schedulers' state comes when the next step begins

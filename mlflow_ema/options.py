@@ -67,6 +67,7 @@ class AutologConfig(EMAOptions):
     log_training_state: bool = False
     model_factory: str | None = None
     model_kwargs: dict[str, Any] | None = None
+    log_input_examples: bool = False  # the architecture folder keeps a real input's first rows
     max_queue: int = 2
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE
     ema_ranks: str = "all"  # or "zero": under DDP only rank 0 keeps the EMA

@@ -5,7 +5,8 @@ moving aliases (MLflow's way since registry stages were deprecated).
 strategy and weights), metrics (each member's value and, when evaluated, the soup's),
 artifacts (``soup/``: the averaged checkpoint, ``model.safetensors`` or shards above
 ``max_shard_size``, and ``manifest.json``; ``soup.png``, the members against the soup), and a
-pytorch-flavor model built from the architecture the members' run recorded. Only then is the
+pytorch-flavor model holding the soup's weights (:mod:`mlflow_ema.soup_model`: by default
+MLflow's pt2 format, with a signature and an input example, no pickle). Only then is the
 model registered, with the version tags ``mlflow_ema.sources`` (JSON: per member ``run_id``,
 ``model_id``, ``step``, ``value``, ``weight``, ``sha256``), ``mlflow_ema.strategy`` and
 ``mlflow_ema.sha256`` (of the averaged weights); every sha256 is
@@ -31,6 +32,7 @@ from mlflow_ema.architecture import load_weights
 from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, Manifest, save_checkpoint, weights_digest
 from mlflow_ema.errors import RegistryError
 from mlflow_ema.selection import Candidate
+from mlflow_ema.soup_model import SoupModel, log_soup_model
 from mlflow_ema.tags import (
     TAG_INCOMPLETE,
     TAG_PROMOTED_AT,
@@ -93,7 +95,7 @@ def register_soup(
     state_dict: Mapping[str, torch.Tensor],
     members: Sequence[tuple[Candidate, float, Manifest]],
     *,
-    model: torch.nn.Module,
+    model: SoupModel,
     name: str,
     alias: str | None = None,
     experiment_id: str,
@@ -105,7 +107,8 @@ def register_soup(
 ) -> RegisteredSoup:
     """Log the soup as a run and register it as a new version of ``name``. See the module
     docstring; ``members`` are (candidate, normalized weight, manifest), best first, and
-    ``model`` a module of their architecture that the weights are loaded into.
+    ``model`` the module of their architecture that the weights are loaded into, and how
+    it is written.
 
     A failure midway leaves nothing half-made: the soup run is marked
     ``mlflow_ema.incomplete=true`` and deleted with its artifacts and models, and the
@@ -116,7 +119,7 @@ def register_soup(
     check_model_name(name)
     if alias:
         check_alias(alias)
-    load_weights(model, state_dict, what="the averaged weights")
+    load_weights(model.module, state_dict, what="the averaged weights")
     existed = _registered_model_exists(name)
     made: dict[str, Any] = {}  # what exists so far, for the clean-up
     try:
@@ -127,15 +130,8 @@ def register_soup(
             made["run_id"] = run.info.run_id
             manifest, sources = _log_soup(Path(tmp), state_dict, members, strategy=strategy, metric=metric,
                                           params=params, soup_value=soup_value, max_shard_size=max_shard_size)  # fmt: skip
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pickle",  # loads back as the user's module, not a GraphModule
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"mlflow=={mlflow.__version__}",
-                ],
-            )
+            requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+            info = log_soup_model(model, requirements)
             sha256 = weights_digest(manifest)
             tags = {TAG_SOURCES: json.dumps(sources), TAG_STRATEGY: strategy, TAG_SHA256: sha256,
                     TAG_VERSION: __version__}  # fmt: skip

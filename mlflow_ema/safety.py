@@ -49,6 +49,7 @@ LIGHTNING = "lightning_callback"
 LIGHTNING_ENTRY = "lightning_entry_point"
 EXIT_FLUSH = "exit_flush"
 SHARDED = "sharded_checkpoint"  # collective: off on every rank alike
+CAPTURE = "architecture_capture"
 
 PARTS = {
     LOG_METRIC: "the MlflowClient.log_metric patch: ema/ names, links to checkpoints",
@@ -62,6 +63,7 @@ PARTS = {
     LIGHTNING_ENTRY: "the Lightning callbacks_factory entry point: the callback autolog adds",
     EXIT_FLUSH: "the upload flush at interpreter exit",
     SHARDED: "checkpoints of sharded (FSDP2) models, taken by every rank at once",
+    CAPTURE: "the forward pre-hook and the export that record the model's architecture",
 }
 # the run to tag: (run_id, tracking_uri), or how to find it
 Run = tuple[str, str] | Callable[[], tuple[str, str] | None] | None

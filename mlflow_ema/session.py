@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from mlflow_ema.capture import start_capture, stop_capture
 from mlflow_ema.checkpointing import NO_RUN_MESSAGE, Checkpoints, active_run, rank_zero
 from mlflow_ema.discovery import SCHEDULER_TYPES, find_model, find_schedulers, live_objects
 from mlflow_ema.ema import EMA, is_sharded, unwrap_model
@@ -76,6 +77,8 @@ class Session:
 
     def uninstall(self) -> None:
         self.patches.uninstall()
+        for w in self.watched:
+            stop_capture(w)
         self.watched = []
         self.by_optimizer = weakref.WeakKeyDictionary()
         self.autolog_on = False
@@ -204,6 +207,7 @@ class Session:
         w = Watched(model, ema, list(optimizers), schedulers, name, driver, run_tags,
                     optimizer_steps=ema.step, sharded=sharded)  # fmt: skip
         self.watched.append(w)
+        start_capture(w, self)
         return w
 
     def bind_optimizers(self, w: Watched, optimizers: list[Any], schedulers: list[Any]) -> None:
@@ -216,6 +220,7 @@ class Session:
         """Lightning: stop watching ``w``."""
         if w in self.watched:
             self.watched.remove(w)
+        stop_capture(w)
 
     def select(self, model: nn.Module | None) -> list[Watched]:
         """The watched model(s) an API call is about: ``model``'s, or all of them."""

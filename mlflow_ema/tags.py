@@ -30,6 +30,9 @@ RUN_TAG_MODEL_CLASS = "mlflow_ema.model_class"  # "module:Class" of the watched 
 RUN_TAG_MODEL_FACTORY = "mlflow_ema.model_factory"  # "module:function" given as model_factory=
 RUN_TAG_MODEL_KWARGS = "mlflow_ema.model_kwargs"  # JSON object of model_kwargs= for that factory
 RUN_TAG_MODEL_HPARAMS = "mlflow_ema.model_hparams"  # JSON of a LightningModule's hparams
+# Why the run's architecture folder (mlflow_ema/architecture/) holds no program.pt2: "<model>: <reason>"
+# (capture, with the first checkpoint). Without it and without the folder: mlflow-ema < 0.4.
+RUN_TAG_ARCHITECTURE_ERROR = "mlflow_ema.architecture_error"
 # JSON list of the checkpoints that could not be uploaded, each "<name>: <error> (kept at
 # <folder>)" (tracking, when the run ends)
 RUN_TAG_UPLOAD_FAILURES = "mlflow_ema.upload_failures"

@@ -91,7 +91,11 @@ def autolog(*, disable: bool = False, silent: bool = False, **options: Any) -> N
         log_training_state: also record optimizer, scheduler, EMA and RNG state with each
             raw checkpoint, for :func:`resume`.
         model_factory, model_kwargs: ``"module:function"`` and its keyword arguments that
-            rebuild the model; recorded on the run, so averaging needs no pickle.
+            rebuild the model, recorded on the run. Not needed when the model exports with
+            ``torch.export``: its architecture is recorded from its first forward (see the
+            README, "What is stored"); needed for ``--update-bn`` and ``--serialization pickle``.
+        log_input_examples: keep the first rows of a real forward input as the registered
+            model's input example (default: synthetic values of its shape and dtype).
         max_queue: checkpoints that may wait for upload before training waits.
         max_shard_size: weights above this size (bytes, or e.g. ``"5GB"``; ``None``: never)
             are written as safetensors shards with a Hugging Face index.

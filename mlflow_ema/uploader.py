@@ -70,6 +70,7 @@ class UploadJob:
     tracking_uri: str
     parts: list[CheckpointPart]
     run_tags: dict[str, str] = dataclasses.field(default_factory=dict)  # set once per run
+    architecture: tuple[str, Path] | None = None  # (artifact path, local folder): uploaded once per run
     keep_top_k: int | None = None
     monitor: str | None = None
     mode: str = "max"
@@ -109,7 +110,8 @@ class Uploader:
         self._closed = False
         self._clients: dict[str, Any] = {}
         self._experiments: dict[str, str] = {}
-        self._tagged_runs: set[str] = set()
+        self._tagged: set[tuple[str, str, str]] = set()  # (run_id, key, value) set already
+        self._architectures: set[tuple[str, str]] = set()  # (run_id, artifact path) uploaded
 
     # -- called from the training side ------------------------------------------------
 
@@ -198,14 +200,8 @@ class Uploader:
 
     def _upload(self, job: UploadJob) -> None:
         client = self._client(job.tracking_uri)
-        if job.run_tags and job.run_id not in self._tagged_runs:
-            try:
-                self.retry.call(
-                    "set_tags", lambda: [client.set_tag(job.run_id, k, v) for k, v in job.run_tags.items()]
-                )
-                self._tagged_runs.add(job.run_id)
-            except Exception as e:
-                _logger.warning("mlflow-ema: could not tag run %s: %s", job.run_id, e)
+        self._tag_run(client, job)
+        self._upload_architecture(client, job)
         with tempfile.TemporaryDirectory(prefix="mlflow-ema-") as tmp:
             for part in job.parts:
                 folder = Path(tmp) / part.record.name
@@ -233,6 +229,29 @@ class Uploader:
                     self._log_model(client, job, part.record, folder, manifest, part.tags)
                 except Exception as e:
                     self._keep_unsent(job, part.record, folder, e)
+
+    def _tag_run(self, client, job: UploadJob) -> None:
+        """The run tags of the job's model not set yet (several models share a run)."""
+        new = {k: v for k, v in job.run_tags.items() if (job.run_id, k, v) not in self._tagged}
+        if not new:
+            return
+        try:
+            self.retry.call("set_tags", lambda: [client.set_tag(job.run_id, k, v) for k, v in new.items()])
+            self._tagged |= {(job.run_id, k, v) for k, v in new.items()}
+        except Exception as e:
+            _logger.warning("mlflow-ema: could not tag run %s: %s", job.run_id, e)
+
+    def _upload_architecture(self, client, job: UploadJob) -> None:
+        """The model's architecture folder (:mod:`mlflow_ema.programs`), once per run."""
+        if job.architecture is None or (job.run_id, job.architecture[0]) in self._architectures:
+            return
+        path, folder = job.architecture
+        try:
+            self.retry.call("log_artifacts", lambda: client.log_artifacts(job.run_id, str(folder), path))
+            self._architectures.add((job.run_id, path))
+        except Exception as e:
+            self.ledger.record_failure(job.run_id, f"{path}: {type(e).__name__}: {e}")
+            _logger.warning("mlflow-ema: could not upload the model's architecture to %s: %s", path, e)
 
     def _log_model(
         self, client, job: UploadJob, record: CheckpointRecord, folder: Path, manifest, tags

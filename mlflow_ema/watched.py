@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from mlflow_ema.capture import Architecture
 from mlflow_ema.ema import EMA
 
 Driver = Literal["autolog", "watch", "lightning"]  # who steps the EMA: autolog's hooks, watch's, the callback
@@ -34,6 +35,7 @@ class Watched:
     run_id: str | None = None  # the active run at its last step: the run it belongs to
     sharded: bool = False  # DTensor parameters (FSDP2): checkpoints are collectives
     last_sharded_step: int | None = None  # step of a sharded model's last checkpoint, alike on every rank
+    architecture: Architecture = dataclasses.field(default_factory=Architecture)  # see mlflow_ema.capture
 
     @property
     def prefix(self) -> str:

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
-from mlflow_ema.architecture import build_model, load_weights
+from mlflow_ema.architecture import load_weights
 from mlflow_ema.average_options import AverageOptions, check_choices, recorded_params, selection_kwargs
 from mlflow_ema.checkpoint import parse_size, read_manifest, save_checkpoint
 from mlflow_ema.errors import MlflowEmaError
 from mlflow_ema.registry import RegisteredSoup, check_alias, check_model_name, register_soup
 from mlflow_ema.selection import Candidate, Selection, select
 from mlflow_ema.soup import AveragingError, Member, average, greedy_soup, normalized_weights
+from mlflow_ema.soup_model import SoupModel, soup_model
 from mlflow_ema.trust import resolve_callable, trusted_prefixes
 
 DTYPES = {
@@ -93,22 +94,24 @@ def average_runs(
 ) -> AverageResult:
     """Average the selected checkpoints and, with ``register_as``, register the result.
 
-    The model is rebuilt (from the run's record, if trusted, or ``model_factory``) once, and
-    before any download, when registering, scoring (``eval_fn``) or ``update_bn`` needs it."""
+    The module the weights go into (:mod:`mlflow_ema.soup_model`: the run's exported
+    program, or a factory's module) is made once, before the checkpoints are downloaded,
+    when registering, scoring (``eval_fn``) or ``update_bn`` needs it."""
     if not options.register_as and not options.output:
         raise MlflowEmaError("nothing to produce: give --register-as NAME and/or --output DIR")
     selection = selection or plan(options)
     candidates = selection.candidates
     weights = _weights(options.weights, candidates)
     result = AverageResult(selection)
-    model = (
-        _rebuild(options, candidates[0])
-        if options.register_as or options.eval_fn or options.update_bn
-        else None
-    )
-    score = _scorer(options.eval_fn, model) if options.eval_fn else None
-    loader = resolve_callable(options.update_bn) if options.update_bn else None
     with tempfile.TemporaryDirectory(prefix="mlflow-ema-average-") as tmp:
+        soup = (
+            soup_model(options, candidates[0], Path(tmp) / "architecture")
+            if options.register_as or options.eval_fn or options.update_bn
+            else None
+        )
+        model = soup.module if soup else None
+        score = _scorer(options.eval_fn, model) if options.eval_fn else None
+        loader = resolve_callable(options.update_bn) if options.update_bn else None
         members = _download(candidates, weights, Path(tmp), progress)
         by_path = {m.path: c for m, c in zip(members, candidates, strict=True)}
         state, used, manifests = _combine(options, members, score, result, by_path, progress)
@@ -124,17 +127,8 @@ def average_runs(
                             max_shard_size=options.max_shard_size)  # fmt: skip
             result.output = options.output
         if options.register_as:
-            result.registered = _register(options, result, state, manifests, model)
+            result.registered = _register(options, result, state, manifests, soup)
     return result
-
-
-def _rebuild(options: AverageOptions, first: Candidate) -> torch.nn.Module:
-    """The module the soup's weights go into, built from what the best member's run recorded."""
-    import mlflow
-
-    tags = mlflow.MlflowClient().get_run(first.run_id).data.tags
-    return build_model(tags, run_id=first.run_id, model_factory=options.model_factory,
-                       model_kwargs=options.model_kwargs, trusted=trusted_prefixes(options.trust_modules))  # fmt: skip
 
 
 def _download(
@@ -189,7 +183,7 @@ def _combine(
 
 
 def _register(
-    options: AverageOptions, result: AverageResult, state: dict, manifests: list, model: torch.nn.Module
+    options: AverageOptions, result: AverageResult, state: dict, manifests: list, soup: SoupModel
 ) -> RegisteredSoup:
     import mlflow
 
@@ -197,7 +191,7 @@ def _register(
     return register_soup(
         state,
         [(c, w, m) for (c, w), m in zip(result.members, manifests, strict=True)],
-        model=model, name=options.register_as, alias=options.alias, experiment_id=experiment_id,
+        model=soup, name=options.register_as, alias=options.alias, experiment_id=experiment_id,
         strategy=options.strategy, metric=options.metric, soup_value=result.soup_value,
         params=_params(options, result), max_shard_size=options.max_shard_size,
     )  # fmt: skip
