@@ -35,6 +35,7 @@ _EXPORTS = {
     "save_checkpoint": "mlflow_ema.checkpoint",
     "load_checkpoint": "mlflow_ema.loading",
     "load_state_dict": "mlflow_ema.loading",
+    "load_model": "mlflow_ema.loading",
     "load_training_state": "mlflow_ema.checkpoint",
     "read_manifest": "mlflow_ema.checkpoint",
     "verify_checkpoint": "mlflow_ema.checkpoint",
@@ -77,6 +78,7 @@ __all__ = [
     "get_ema",
     "init_fingerprint",
     "load_checkpoint",
+    "load_model",
     "load_state_dict",
     "load_training_state",
     "log_checkpoint",
@@ -126,7 +128,7 @@ if TYPE_CHECKING:
         StoreError,
         UntrustedCodeError,
     )
-    from mlflow_ema.loading import load_checkpoint, load_state_dict
+    from mlflow_ema.loading import load_checkpoint, load_model, load_state_dict
     from mlflow_ema.registry import promote
     from mlflow_ema.schedules import (
         BiasCorrectedDecay,

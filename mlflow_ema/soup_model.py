@@ -54,7 +54,11 @@ class SoupModel:
     def example_arrays(self) -> list[Any]:
         """The input example's tensors as numpy arrays (batch 2 where it is dynamic)."""
         assert self.inputs is not None
-        leaves = with_tensors(self.inputs, self.example) if self.example else synthetic_leaves(self.inputs)
+        leaves = (
+            with_tensors(self.inputs, self.example)
+            if self.example
+            else synthetic_leaves(self.inputs, batch=2)
+        )
         return [leaf.numpy() for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
