@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # Only this sweep: a second invocation in the same folder starts from another base.
     selection = ["--experiment", args.experiment, "--filter", f"params.init_from = '{init_from}'"]
-    # The runs record their factory (examples.train_digits:build_model); mlflow-ema imports
-    # code a run names only from modules the user trusts.
-    candidate = ["--top-k", str(args.top_k), "--eval", EVAL, "--trust-module", "examples"]
+    # The runs recorded their architecture (a torch.export program): registering needs none
+    # of this code; --eval names the scoring function, code the user chooses to run.
+    candidate = ["--top-k", str(args.top_k), "--eval", EVAL]
     candidate += ["--register-as", args.model_name]
     promote = ["promote", args.model_name, "--from-alias", "candidate", "--to", "champion"]
     versions = {}
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_table(args: argparse.Namespace, *, selection_filter: str, versions: dict) -> None:
     import mlflow
-    import mlflow.pytorch
 
+    import mlflow_ema
     from examples.train_digits import build_model, digits_splits, test_accuracy, val_accuracy
     from mlflow_ema import load_checkpoint
     from mlflow_ema.selection import select
@@ -175,11 +175,12 @@ def print_table(args: argparse.Namespace, *, selection_filter: str, versions: di
     for strategy, version in versions.items():
         sources = len(json.loads(version.tags["mlflow_ema.sources"]))
         label = f"{strategy} soup ({sources} of {args.top_k})"
-        model = mlflow.pytorch.load_model(f"models:/{args.model_name}/{version.version}")
+        model = mlflow_ema.load_model(f"models:/{args.model_name}/{version.version}")
         rows.append((label, f"{args.model_name} version {version.version}", model))
     champion_uri = f"models:/{args.model_name}@champion"
     champion = client.get_model_version_by_alias(args.model_name, "champion")
-    champion_model = mlflow.pytorch.load_model(champion_uri)
+    # mlflow.pytorch.load_model works too (a GraphModule, whose .eval() raises: it is one already)
+    champion_model = mlflow_ema.load_model(champion_uri)
     if champion.version not in {v.version for v in versions.values()}:  # an earlier job's soup held on
         rows.append(("champion from an earlier run", f"{args.model_name} version {champion.version}", None))
 

@@ -30,8 +30,6 @@ from torch import nn
 
 import mlflow_ema
 
-FACTORY = "examples.train_digits:build_model"
-
 
 def digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Digits as ``{"train", "val", "test"}`` -> (x, y) tensors: a fixed 60/20/20 split.
@@ -139,8 +137,6 @@ def main(argv: list[str] | None = None) -> str:
         checkpoint_every_n_epochs=1,
         keep_top_k=args.keep_top_k,
         monitor="ema/val_acc",
-        model_factory=FACTORY,
-        model_kwargs={"hidden": args.hidden},
     )
     torch.manual_seed(args.seed)
     noise = torch.Generator().manual_seed(args.seed)

@@ -57,7 +57,9 @@ def start_capture(w: Watched, session: Session) -> None:
     def hook(module: Any, args: tuple, kwargs: dict) -> None:
         BOUNDARY.call(CAPTURE, _record, w, args, kwargs, real)
 
-    w.architecture.hook = w.model.register_forward_pre_hook(_eager(hook), with_kwargs=True)
+    # On the wrapper the loop calls, if any: a compiled model's own hooks run inside the graph.
+    target = w.entry if w.entry is not None else w.model
+    w.architecture.hook = target.register_forward_pre_hook(_eager(hook), with_kwargs=True)
 
 
 def stop_capture(w: Watched) -> None:
@@ -111,7 +113,7 @@ def _export(w: Watched, session: Session) -> Path:
     started = time.perf_counter()
     try:
         program = export_model(w.model, arch.inputs)
-        save_program(program, folder / PROGRAM_FILE)
+        save_program(program, folder / PROGRAM_FILE, weights=False)
     except Exception as e:  # the user's model: data-dependent control flow and the like
         (folder / PROGRAM_FILE).unlink(missing_ok=True)
         first = (str(e).strip().splitlines() or [""])[0][:200]

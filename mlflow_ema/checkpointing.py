@@ -116,23 +116,31 @@ class Checkpoints:
         if run is None or session.ledger.has_checkpoint(run[0], step, w.prefix + "raw-"):
             if run is None:
                 session.warn_once("no-run", NO_RUN_MESSAGE)
+            elif at_end:  # no checkpoint to add, but the run learns about its architecture
+                session.uploader.submit(self._with_architecture(w, session.upload_job(*run), at_end=True))
             _discard(gathered)
             return False
         epoch = (w.epochs or None) if epoch is None else int(epoch)
         at_step = self._training_state_at_step(w, step, epoch)
         job = session.upload_job(run[0], run[1], self._parts(w, run[0], step, epoch, gathered))
-        folder = architecture_folder(w, session, run_end=at_end)
+        self._with_architecture(w, job, at_end=at_end)
+        if at_step is None:
+            session.uploader.submit(job)
+        else:  # the optimizers' and schedulers' state comes when the next step begins
+            self.pending.append((w, job, at_step))
+        return True
+
+    def _with_architecture(self, w: Watched, job: UploadJob, *, at_end: bool) -> UploadJob:
+        """The job also uploads ``w``'s architecture folder (exported now, the first time) and
+        sets its run tags, with why there is no program if there is none."""
+        folder = architecture_folder(w, self.session, run_end=at_end)
         job.architecture = (architecture_path(w.name), folder) if folder is not None else None
         job.run_tags = dict(w.run_tags)
         if w.architecture.error:
             job.run_tags[RUN_TAG_ARCHITECTURE_ERROR] = (
                 f"{w.name or type(w.model).__name__}: {w.architecture.error}"
             )
-        if at_step is None:
-            session.uploader.submit(job)
-        else:  # the optimizers' and schedulers' state comes when the next step begins
-            self.pending.append((w, job, at_step))
-        return True
+        return job
 
     def _training_state_at_step(self, w: Watched, step: int, epoch: int | None) -> Snapshot | None:
         if not self.session.config.log_training_state:

@@ -23,8 +23,9 @@ SCHEDULER_TYPES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_schedule
 
 
 def find_model(optimizer: Any, live: list[Any] | None = None) -> nn.Module | None:
-    """The outermost live module owning every parameter ``optimizer`` updates, unwrapped;
-    None when there is no such module or several unrelated ones."""
+    """The outermost live module owning every parameter ``optimizer`` updates, as the user
+    calls it (a DDP or ``torch.compile`` wrapper: :func:`unwrap_model` gives the model); None
+    when there is no such module or several unrelated ones."""
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not params:
         return None
@@ -36,7 +37,7 @@ def find_model(optimizer: Any, live: list[Any] | None = None) -> nn.Module | Non
     if not owners:
         return None
     roots = [m for m in modules if id(m) not in children and params <= {id(p) for p in m.parameters()}]
-    unwrapped = {id(unwrap_model(m)): unwrap_model(m) for m in roots}
+    unwrapped = {id(unwrap_model(m)): m for m in roots}
     return next(iter(unwrapped.values())) if len(unwrapped) == 1 else None
 
 
@@ -57,5 +58,5 @@ def live_objects(cls: type | tuple[type, ...]) -> list[Any]:
         return [
             obj
             for obj in gc.get_objects()
-            if isinstance(obj, cls) and not isinstance(obj, weakref.ProxyTypes)
+            if not isinstance(obj, weakref.ProxyTypes) and isinstance(obj, cls)
         ]

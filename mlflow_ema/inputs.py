@@ -43,7 +43,7 @@ class InputSpec:
     def single_tensor(self) -> bool:
         """Is the forward ``model(x)`` with one tensor? (MLflow serves only those.)"""
         args, kwargs = pytree.tree_unflatten(list(range(len(self.leaves))), self.treespec)
-        return len(args) == 1 and not kwargs and "shape" in self.leaves[0]
+        return tuple(args) == (0,) and not kwargs and len(self.leaves) == 1 and "shape" in self.leaves[0]
 
     @property
     def treespec(self) -> pytree.TreeSpec:

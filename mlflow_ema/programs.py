@@ -6,13 +6,14 @@ An **architecture folder** (the run artifact ``mlflow_ema/architecture/``, or
 
 - ``inputs.json``: what the forward takes (:class:`mlflow_ema.inputs.InputSpec`);
 - ``program.pt2``: ``torch.export.save`` of the model in eval mode, on CPU, its batch
-  dimension dynamic; absent when the export failed (the run tag
+  dimension dynamic, its parameters and buffers placeholders (a zero each: the
+  checkpoints hold the weights); absent when the export failed (the run tag
   ``mlflow_ema.architecture_error`` says why);
 - ``input_example.safetensors``: the first rows of a real input, only with
   ``autolog(log_input_examples=True)``.
 
-The program's weights are those of the moment it was exported; a checkpoint's or a
-soup's weights replace them (:func:`load_program` then ``load_state_dict``).
+A checkpoint's or a soup's weights go into it (:func:`load_program`, then
+``load_state_dict``) before it is used.
 ``torch.export.load`` unpickles some records of an archive, so :func:`check_pickle_free`
 runs first, every time: an archive from a tracking server is data, never code.
 """
@@ -25,6 +26,7 @@ import json
 import os
 import pickletools
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -96,8 +98,18 @@ def _learn_dynamic(program: torch.export.ExportedProgram, spec: InputSpec) -> No
         leaf["dynamic_batch"] = bool(len(shape)) and not isinstance(shape[0], int)
 
 
-def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    torch.export.save(program, path)
+def save_program(program: torch.export.ExportedProgram, path: Path, *, weights: bool = True) -> None:
+    """``torch.export.save``; ``weights=False`` stores each parameter and buffer of the state
+    dict as one zero broadcast to its shape (a few bytes): the checkpoints hold the weights,
+    loaded into it before use. Constants (non-persistent buffers) are kept: no checkpoint has them."""
+    if not weights:
+        for name, tensor in list(program.state_dict.items()):
+            zero = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+            is_param = isinstance(tensor, nn.Parameter)
+            program.state_dict[name] = nn.Parameter(zero, tensor.requires_grad) if is_param else zero
+    with warnings.catch_warnings():  # torch remarks on the shared zero's storage
+        warnings.simplefilter("ignore")
+        torch.export.save(program, path)
 
 
 # -- reading back -----------------------------------------------------------------------------------
@@ -134,7 +146,10 @@ def check_pickle_free(path: str | os.PathLike) -> None:
 
 
 def _raw_tensor_records(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> set[str]:
+    """Records that every payload config naming them reads as raw bytes (``use_pickle:
+    false``); one that any config marks otherwise, or names twice differently, is not."""
     raw: set[str] = set()
+    pickled: set[str] = set()
     for info in infos:
         if not _PAYLOAD_CONFIG.search(info.filename):
             continue
@@ -145,9 +160,13 @@ def _raw_tensor_records(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) 
         folder = info.filename.rsplit("/", 1)[0]
         for entry in entries.values() if isinstance(entries, dict) else ():
             name = entry.get("path_name") if isinstance(entry, dict) else None
-            if entry.get("use_pickle") is False and isinstance(name, str) and "/" not in name:
+            if not isinstance(name, str):
+                continue
+            if entry.get("use_pickle") is False and "/" not in name:
                 raw.add(f"{folder}/{name}")
-    return raw
+            else:
+                pickled.add(f"{folder}/{name}")
+    return raw - pickled
 
 
 def _is_plain(name: str, content: bytes) -> bool:
@@ -158,8 +177,14 @@ def _is_plain(name: str, content: bytes) -> bool:
         return True
     except (UnicodeDecodeError, ValueError):
         pass
-    try:  # a torch.save zip: its pickles may name tensor-rebuilding globals only
+    # A torch.save zip, starting at byte 0 (torch.load reads the head; zipfile would skip a
+    # pickle put before the zip): its pickles may name tensor-rebuilding globals only.
+    if not content.startswith(b"PK\x03\x04"):
+        return False
+    try:
         with zipfile.ZipFile(io.BytesIO(content)) as inner:
+            if min((i.header_offset for i in inner.infolist()), default=1) != 0:
+                return False
             pickles = [n for n in inner.namelist() if n.endswith(".pkl")]
             return bool(pickles) and all(_pickle_globals(inner.read(n)) <= _SAFE_GLOBALS for n in pickles)
     except (zipfile.BadZipFile, ValueError):
@@ -198,6 +223,11 @@ def load_program(path: str | os.PathLike) -> ExportedModule:
         program = torch.export.load(path)
     except Exception as e:
         raise CheckpointError(f"{path}: torch.export.load failed: {type(e).__name__}: {e}") from None
+    for name, tensor in list(program.state_dict.items()):  # placeholders become real tensors to load into
+        if 0 in tensor.stride() and tensor.numel() > 1:
+            full = tensor.contiguous()
+            is_param = isinstance(tensor, nn.Parameter)
+            program.state_dict[name] = nn.Parameter(full, tensor.requires_grad) if is_param else full
     return ExportedModule(program.module())
 
 
@@ -226,9 +256,23 @@ class ExportedModule(nn.Module):
         return self.program.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+def flat_inputs(module: nn.Module, spec: InputSpec) -> nn.Module:
+    """A :class:`FlatInputs` whose ``forward`` has one parameter per tensor, ``input_0``...
+    (``torch.export`` binds one dynamic shape per parameter)."""
+    names = [f"input_{i}" for i in range(len(spec.tensor_leaves))]
+
+    def forward(self: FlatInputs, *tensors: torch.Tensor) -> Any:
+        return FlatInputs.forward(self, *tensors)
+
+    parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *names]]
+    forward.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return type("FlatInputs", (FlatInputs,), {"forward": forward})(module, spec)
+
+
 class FlatInputs(nn.Module):
     """``forward(*tensors)`` calls ``module`` with the ``(args, kwargs)`` the spec's tree makes
-    of them (its constants filled in): MLflow's pt2 format takes positional tensors only."""
+    of them (its constants filled in): MLflow's pt2 format takes positional tensors only.
+    Made by :func:`flat_inputs`."""
 
     def __init__(self, module: nn.Module, spec: InputSpec) -> None:
         super().__init__()

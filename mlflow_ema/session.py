@@ -175,7 +175,8 @@ class Session:
             if any(o is optimizer for o in w.optimizers):
                 return w
         live = live_objects((nn.Module, *SCHEDULER_TYPES))  # one scan of the heap per new optimizer
-        model = find_model(optimizer, live)
+        entry = find_model(optimizer, live)  # what the loop calls: the model, or its wrapper
+        model = unwrap_model(entry) if entry is not None else None
         if model is None:
             self.warn_once(
                 f"resolve-{id(optimizer)}",
@@ -189,13 +190,15 @@ class Session:
                 return w
         if rank_zero() and active_run() is None:
             self.warn_once("no-run", NO_RUN_MESSAGE)
-        return self.add(model, [optimizer], driver="autolog", schedulers=find_schedulers([optimizer], live))
+        return self.add(entry, [optimizer], driver="autolog", schedulers=find_schedulers([optimizer], live))
 
     def add(self, model: nn.Module, optimizers: list[Any], *, driver: Driver, ema: EMA | None = None,
             name: str | None = None, model_factory: str | None = None, model_kwargs: dict | None = None,
             schedulers: list[Any] | None = None) -> Watched:  # fmt: skip
-        """Lightning: keep an EMA of ``model`` (``ema``, or one made with the configuration)."""
-        model = unwrap_model(model)
+        """Lightning: keep an EMA of ``model`` (``ema``, or one made with the configuration).
+        ``model`` may be the wrapper the loop calls (DDP, ``torch.compile``): the EMA is of the
+        model inside, and the architecture's inputs are read from the wrapper's calls."""
+        entry, model = model, unwrap_model(model)
         sharded = is_sharded(model)
         if sharded:
             _check_sharded(model, self.config)
@@ -205,7 +208,7 @@ class Session:
         if schedulers is None:
             schedulers = find_schedulers(optimizers) if optimizers else []
         w = Watched(model, ema, list(optimizers), schedulers, name, driver, run_tags,
-                    optimizer_steps=ema.step, sharded=sharded)  # fmt: skip
+                    optimizer_steps=ema.step, sharded=sharded, entry=entry)  # fmt: skip
         self.watched.append(w)
         start_capture(w, self)
         return w

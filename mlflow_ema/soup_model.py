@@ -31,8 +31,8 @@ from mlflow_ema.programs import (
     INPUTS_FILE,
     PROGRAM_FILE,
     ExportedModule,
-    FlatInputs,
     architecture_path,
+    flat_inputs,
     load_program,
 )
 from mlflow_ema.selection import Candidate
@@ -160,7 +160,7 @@ def log_soup_model(soup: SoupModel, pip_requirements: list[str]) -> Any:
     if soup.inputs.single_tensor:
         return mlflow.pytorch.log_model(module, name="model", input_example=arrays[0], serialization_format="pt2",
                                         pip_requirements=pip_requirements)  # fmt: skip
-    return mlflow.pytorch.log_model(FlatInputs(module, soup.inputs), name="model", input_example=tuple(arrays),
+    return mlflow.pytorch.log_model(flat_inputs(module, soup.inputs), name="model", input_example=tuple(arrays),
                                     signature=_signature(arrays), serialization_format="pt2",
                                     pip_requirements=pip_requirements)  # fmt: skip
 

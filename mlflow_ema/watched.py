@@ -36,6 +36,7 @@ class Watched:
     sharded: bool = False  # DTensor parameters (FSDP2): checkpoints are collectives
     last_sharded_step: int | None = None  # step of a sharded model's last checkpoint, alike on every rank
     architecture: Architecture = dataclasses.field(default_factory=Architecture)  # see mlflow_ema.capture
+    entry: nn.Module | None = None  # what the loop calls (a DDP / torch.compile wrapper), if not the model
 
     @property
     def prefix(self) -> str:

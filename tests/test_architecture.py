@@ -253,23 +253,11 @@ def test_a_forward_with_kwargs_or_a_dict_is_recorded_and_its_checkpoints_load_wi
         assert not loaded.training
 
 
-VARARGS = (
-    "programs.FlatInputs.forward(*tensors) is one varargs parameter, so the dynamic_shapes MLflow's pt2 "
-    "log_model passes (one per tensor) do not match its inputs ('inputs has 1 elements, but dynamic_shapes "
-    "has 2 elements')"
-)
-SINGLE = (
-    "inputs.InputSpec.single_tensor is True for forward(batch: dict) (it checks len(args) == 1 and that "
-    "leaf 0 is a tensor, not that args[0] is that leaf), so log_soup_model logs the program as taking "
-    "one tensor and MLflow refuses it ('Unsupported signature type'); then: " + VARARGS
-)
-
-
 @pytest.mark.parametrize(
     "experiment",
     [
-        pytest.param("masked", marks=pytest.mark.xfail(strict=True, reason=VARARGS)),
-        pytest.param("dict", marks=pytest.mark.xfail(strict=True, reason=SINGLE)),
+        "masked",
+        "dict",
     ],
 )
 def test_a_soup_of_a_kwargs_or_dict_forward_registers_and_loads_without_the_code(kwargs_store, experiment):
@@ -487,26 +475,15 @@ def real_archive(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def bypass(why: str):
-    return pytest.mark.xfail(strict=True, reason=f"check_pickle_free bypass: {why}")
-
-
 @pytest.mark.parametrize(
     "how",
     [
         "sample-inputs",
         "added-record",
         "pickled-weight",
-        pytest.param("pickle-before-zip", marks=bypass(
-            "_is_plain opens the record with zipfile, which tolerates bytes before the zip; torch.load "
-            "looks at the first bytes, sees no zip and unpickles the leading pickle (weights_only=False "
-            "fallback in deserialize_torch_artifact)")),
-        pytest.param("decoy-config", marks=bypass(
-            "_raw_tensor_records trusts use_pickle=false from any *_config.json, also one torch never reads; "
-            "the config torch reads says weight_0 is a pickle, loaded with torch.load(weights_only=False)")),
-        pytest.param("two-entries", marks=bypass(
-            "_raw_tensor_records exempts a record if one config entry says use_pickle=false, though "
-            "another entry loads the same record as a pickle (weights_only=False)")),
+        "pickle-before-zip",
+        "decoy-config",
+        "two-entries",
     ],
 )  # fmt: skip
 def test_an_archive_that_would_unpickle_code_is_refused_before_torch_reads_it(tmp_path, how):
@@ -591,10 +568,7 @@ def test_a_model_watched_with_a_name_records_its_own_architecture_folder(trackin
     "last_checkpoint",
     [
         False,
-        pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-            "checkpointing.Checkpoints._queue returns early when the run-end checkpoint's step already "
-            "has one (ledger.has_checkpoint), before architecture_folder(run_end=True): no warning, no "
-            "mlflow_ema.architecture_error tag"))),
+        True,
     ],
     ids=["run-end-checkpoint", "log_checkpoint-at-the-last-step"],
 )  # fmt: skip
@@ -656,13 +630,6 @@ print(json.dumps({"files": [a.path for a in client.list_artifacts(run.info.run_i
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="(a) discovery.live_objects calls isinstance(obj, cls) before excluding weakref proxies: a dead "
-    "proxy torch.compile leaves in gc raises ReferenceError at the first optimizer step; (b) past that, "
-    "autolog adds its forward pre-hook after the first (compiled) forward, and dynamo does not guard on "
-    "hooks added later, so no forward is seen and no program.pt2 is written",
-)
 def test_a_compiled_model_under_autolog_trains_and_records_its_architecture(tmp_path):
     """In a subprocess: compiling leaves state (dynamo caches, dead weakref proxies) behind."""
     (tmp_path / "train.py").write_text(COMPILED)

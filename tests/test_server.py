@@ -17,6 +17,8 @@ import mlflow.pytorch
 import pytest
 import torch
 
+import mlflow_ema
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "digits-http"
 
@@ -120,7 +122,7 @@ def test_champion_loads_and_scores_like_the_recorded_soup(sweep):
     from examples.train_digits import val_accuracy
 
     mlflow.set_tracking_uri(sweep["uri"])
-    model = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
+    model = mlflow_ema.load_model(f"models:/{MODEL}@champion")  # its .eval() is harmless
     assert val_accuracy(model) == pytest.approx(sweep["average"]["soup_value"])
 
 

@@ -67,7 +67,9 @@ def one_error(output: str) -> str:
     return lines[0]
 
 
-AVERAGE = ("average", "-e", "sweep", "--top-k", "2", "--register-as", "soup")
+# The runs also recorded their architecture program, which needs no code: --serialization pickle
+# takes the path that imports a recorded factory (as --update-bn does, and runs without a program).
+AVERAGE = ("average", "-e", "sweep", "--top-k", "2", "--register-as", "soup", "--serialization", "pickle")
 
 
 @pytest.mark.parametrize(
@@ -177,7 +179,8 @@ def test_a_factory_the_user_gives_needs_no_trust(cli):
 
 
 @pytest.mark.parametrize(
-    "extra", [["--eval", "helpers:digits_accuracy"], ["--update-bn", "helpers:digits_loader"]]
+    "extra",
+    [["--serialization", "pickle", "--register-as", "soup"], ["--update-bn", "helpers:digits_loader"]],
 )
 def test_every_path_that_rebuilds_the_model_checks_trust(cli, tmp_path, extra):
     tamper({FACTORY: "os:system", KWARGS: json.dumps({"command": "touch PWNED"})})
@@ -188,15 +191,24 @@ def test_every_path_that_rebuilds_the_model_checks_trust(cli, tmp_path, extra):
 
 def test_the_python_api_checks_trust(cli, tmp_path, monkeypatch):
     tamper({FACTORY: "os:system", KWARGS: json.dumps({"command": "touch PWNED"})})
-    options = AverageOptions(experiments=["sweep"], top_k=2, register_as="soup")
+    options = AverageOptions(experiments=["sweep"], top_k=2, register_as="soup", serialization="pickle")
     with pytest.raises(MlflowEmaError, match="only if you trust it"):
         average_runs(options)
     assert not (tmp_path / "PWNED").exists()
     tamper({FACTORY: "helpers:make_net", KWARGS: json.dumps({"hidden": 16})})
     result = average_runs(
-        AverageOptions(experiments=["sweep"], top_k=2, register_as="soup", trust_modules=["helpers"])
-    )
+        AverageOptions(experiments=["sweep"], top_k=2, register_as="soup", trust_modules=["helpers"],
+                       serialization="pickle")
+    )  # fmt: skip
     assert result.registered.version == "1"
+
+
+def test_with_the_recorded_program_no_recorded_callable_is_even_looked_at(cli, tmp_path):
+    """The default path (the architecture program) imports nothing a run names."""
+    tamper({FACTORY: "os:system", KWARGS: json.dumps({"command": "touch PWNED"})})
+    out = json.loads(cli("average", "-e", "sweep", "--top-k", "2", "--register-as", "soup",
+                         "--eval", "helpers:digits_accuracy", "--json"))  # fmt: skip
+    assert out["registered"]["version"] == "1" and not (tmp_path / "PWNED").exists()
 
 
 def test_the_model_is_rebuilt_once_per_command(cli, tmp_path):
