@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from helpers import run_cli
 from mlflow import MlflowClient
 
+import mlflow_ema
 from mlflow_ema import ChecksumMismatchError, load_checkpoint
 from mlflow_ema.checkpoint import FORMAT_VERSION, INDEX_FILE, weight_files, weights_digest
 
@@ -283,6 +284,22 @@ def test_average_the_good_runs_to_a_folder_and_to_the_registry(store, tmp_path):
 
     model = mlflow.pytorch.load_model("models:/fixture-soup@candidate")
     assert all(torch.equal(v, soup.state_dict[k]) for k, v in model.state_dict().items())
+
+
+def test_runs_of_0_2_register_with_a_factory_as_a_pickle_that_loads_only_on_request(store, tmp_path):
+    """These runs recorded no inputs (mlflow-ema < 0.4): no pt2 program can be made."""
+    args = ("average", "-e", "sweep", "--filter", "tags.fixture_role = 'good'", "--top-k", "2")
+    line = one_error_line(cli(*args, "--register-as", "never", "--serialization", "pt2", code=1))
+    assert "--serialization pt2 needs the model's inputs" in line and "mlflow-ema < 0.4" in line
+    assert registered_versions() == 0
+    output = cli(*args, "--register-as", "legacy", "--alias", "candidate")
+    assert "registering it as a pickle" in output  # the warning says so
+    with pytest.raises(mlflow_ema.CheckpointError, match=r"is a pickle .* allow_pickle=True"):
+        mlflow_ema.load_model("models:/legacy@candidate")
+    model = mlflow_ema.load_model("models:/legacy@candidate", allow_pickle=True)
+    soup = mlflow_ema.load_state_dict("models:/legacy@candidate")
+    assert type(model).__name__ == "Sequential" and not model.training
+    assert all(torch.equal(v, soup[k]) for k, v in model.state_dict().items())
 
 
 def test_a_corrupt_checkpoint_is_refused_in_one_line_and_nothing_is_registered(store, tmp_path):
