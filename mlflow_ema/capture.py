@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow_ema.inputs import InputSpec, UnsupportedInputs, describe_inputs, real_sample
 from mlflow_ema.programs import EXAMPLE_FILE, INPUTS_FILE, PROGRAM_FILE, export_model, save_program
 from mlflow_ema.safety import BOUNDARY, CAPTURE
+from mlflow_ema.tags import RUN_TAG_MODEL_FACTORY, RUN_TAG_MODEL_HPARAMS
 
 if TYPE_CHECKING:
     from mlflow_ema.session import Session
@@ -134,8 +135,8 @@ def _export(w: Watched, session: Session) -> Path:
 
 def _warn_unrebuildable(w: Watched, session: Session) -> None:
     """Item 5 of the contract: say at training time that soups will need the user's code."""
-    if w.run_tags.get("mlflow_ema.model_factory"):
-        return  # the run records a factory: soups are rebuilt with it
+    if RUN_TAG_MODEL_FACTORY in w.run_tags or RUN_TAG_MODEL_HPARAMS in w.run_tags:
+        return  # the run records a factory (or a LightningModule's class): soups are rebuilt with it
     cls = type(w.model)
     session.warn_once(
         f"architecture-{id(w)}",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 
+import mlflow_ema
 from mlflow_ema import init_fingerprint, load_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
@@ -104,7 +105,7 @@ def test_main_job_twice_in_one_folder(tracking, capsys):
 
     # The table's champion row is what models:/digits-soup@champion loads.
     champion = client.get_model_version_by_alias("digits-soup", "champion")
-    accuracy = test_accuracy(mlflow.pytorch.load_model("models:/digits-soup@champion"))
+    accuracy = test_accuracy(mlflow_ema.load_model("models:/digits-soup@champion"))
     for out in (first, second):
         assert "best single run, raw weights" in out and "greedy soup" in out and "uniform soup" in out
     (row,) = [line for line in second.splitlines() if line.endswith("<- models:/digits-soup@champion")]
