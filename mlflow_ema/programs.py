@@ -20,14 +20,17 @@ runs first, every time: an archive from a tracking server is data, never code.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
+import logging
 import os
 import pickletools
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,10 @@ def export_model(model: nn.Module, spec: InputSpec) -> torch.export.ExportedProg
     rng = torch.get_rng_state()
     try:
         model.eval()
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=_batch_dims(model, args, kwargs))
+        with _quiet_torch():
+            program = torch.export.export(
+                model, args, kwargs, dynamic_shapes=_batch_dims(model, args, kwargs)
+            )
     finally:
         for module, training in modes.items():
             module.training = training
@@ -74,6 +80,25 @@ def export_model(model: nn.Module, spec: InputSpec) -> torch.export.ExportedProg
         program = move_to_device_pass(program, "cpu")
     _learn_dynamic(program, spec)
     return program
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """No graph dumps nor torch log lines in the user's output when an export fails: our
+    one warning says what matters. (Python's stderr is redirected for the export's second
+    or two, while the training thread waits for it.)"""
+    loggers = [
+        logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.split(".")[0] == "torch"
+    ]
+    disabled = [(logger, logger.disabled) for logger in loggers]
+    for logger, _ in disabled:
+        logger.disabled = True
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, was in disabled:
+            logger.disabled = was
 
 
 def _batch_dims(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
