@@ -4,6 +4,7 @@ and by a registered soup's ``models:/NAME@ALIAS``, without pickle."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -74,3 +75,35 @@ def test_what_is_not_a_checkpoint_is_one_clear_error(store):
     client.create_model_version("plain", f"runs:/{run.info.run_id}/x", run_id=run.info.run_id)
     with pytest.raises(CheckpointError, match="was not registered by mlflow-ema average"):
         mlflow_ema.load_checkpoint("models:/plain/1")
+
+
+def test_update_bn_needs_a_factory_and_a_factorys_module_registers_as_pt2(store, tmp_path):
+    """The program runs in eval mode: --update-bn needs the real module, from a factory."""
+    from helpers import run_cli
+
+    args = (
+        "average",
+        "-e",
+        "sweep",
+        "--top-k",
+        "2",
+        "--update-bn",
+        "helpers:digits_loader",
+        "--register-as",
+        "bn",
+    )
+    lines = [line for line in run_cli(*args, code=1).splitlines() if line.strip()]
+    assert len(lines) == 1 and "--update-bn recomputes BatchNorm statistics" in lines[0], lines
+    assert "--model-factory" in lines[0]
+    run_cli(
+        *args, "--model-factory", "helpers:make_net", "--model-kwargs", '{"hidden": 16}', "--alias", "new"
+    )
+    folder = Path(mlflow.artifacts.download_artifacts("models:/bn@new", dst_path=str(tmp_path)))
+    assert (folder / "data" / "model.pt2").is_file() and not (folder / "data" / "model.pth").exists()
+    loaded = mlflow_ema.load_model("models:/bn@new")
+    soup = mlflow_ema.load_state_dict("models:/bn@new")
+    assert same(loaded.state_dict(), soup)
+    members = [mlflow_ema.load_state_dict(f"models:/{m.model_id}") for m in checkpoints()[:2]]
+    assert not torch.equal(
+        soup["1.running_mean"], (members[0]["1.running_mean"] + members[1]["1.running_mean"]) / 2
+    )
