@@ -75,11 +75,8 @@ def soup_model(options: AverageOptions, first: Candidate, folder: Path) -> SoupM
 
     tags = mlflow.MlflowClient().get_run(first.run_id).data.tags
     recorded = download_architecture(first.run_id, model_name(first), folder)
-    inputs = InputSpec.from_json((recorded / INPUTS_FILE).read_text()) if recorded else None
+    inputs, example = _read_inputs(recorded, first.run_id) if recorded else (None, None)
     program = recorded / PROGRAM_FILE if recorded and (recorded / PROGRAM_FILE).exists() else None
-    example = (
-        _read_example(recorded / EXAMPLE_FILE) if recorded and (recorded / EXAMPLE_FILE).exists() else None
-    )
     needs_module = options.serialization == "pickle" or options.update_bn or options.model_factory
     if program is not None and not needs_module:
         return SoupModel(load_program(program), inputs, example, "pt2")
@@ -135,11 +132,28 @@ def download_architecture(run_id: str, name: str | None, folder: Path) -> Path |
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder)))
 
 
-def _read_example(path: Path) -> list[torch.Tensor]:
+_MAX_INPUTS_JSON = 1 << 20  # bytes: a spec of a few leaves is a few hundred
+
+
+def _read_inputs(folder: Path, run_id: str) -> tuple[InputSpec, list[torch.Tensor] | None]:
+    """The recorded inputs and real example (if any), refused in one line when malformed."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
-    return [tensors[f"input_{i}"] for i in range(len(tensors))]
+    path = folder / INPUTS_FILE
+    try:
+        if path.stat().st_size > _MAX_INPUTS_JSON:
+            raise ValueError(f"larger than {_MAX_INPUTS_JSON} bytes")
+        inputs = InputSpec.from_json(path.read_text())
+        if not (folder / EXAMPLE_FILE).exists():
+            return inputs, None
+        tensors = load_file(str(folder / EXAMPLE_FILE))
+        example = [tensors[f"input_{i}"] for i in range(len(inputs.tensor_leaves))]
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:
+        raise MlflowEmaError(
+            f"run {run_id}: its recorded architecture is unreadable ({path.name}: {e})"
+        ) from None
+    return inputs, example
 
 
 def log_soup_model(soup: SoupModel, pip_requirements: list[str]) -> Any:

@@ -536,6 +536,24 @@ def test_a_runs_program_replaced_by_a_crafted_archive_is_never_loaded(registry, 
     assert MlflowClient().search_registered_models() == []
 
 
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"format_version": 1, "leaves": [{"shape": [-1], "dtype": "os"}]}']
+)
+def test_a_malformed_inputs_json_is_refused_in_one_line(registry, digits, tmp_path, content):
+    mlflow.set_experiment("malformed")
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mlflow_ema.watch(model, opt)
+    with mlflow.start_run() as run:
+        fit(model, opt, digits, 3)
+        mlflow_ema.log_checkpoint(metrics={"ema/val_acc": 0.5})
+    (tmp_path / "inputs.json").write_text(content)
+    MlflowClient().log_artifact(run.info.run_id, str(tmp_path / "inputs.json"), ARCH)
+    line = one_error(run_cli("average", "-e", "malformed", "--top-k", "1", "--register-as", "m", code=1))
+    assert f"run {run.info.run_id}: its recorded architecture is unreadable (inputs.json: " in line
+    assert MlflowClient().search_registered_models() == []
+
+
 # -- 6. a named model ------------------------------------------------------------------------------
 
 
