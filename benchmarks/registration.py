@@ -374,7 +374,7 @@ def program_and_mlmodel(
         program = programs.export_model(model, spec)
         exported = time.perf_counter()
         path = folder / f"{name}-program-{r}.pt2"
-        programs.save_program(program, path)
+        programs.save_program(program, path, weights=False)  # as training writes it
         saved = time.perf_counter()
         times.setdefault("export", []).append(exported - start)
         times.setdefault("program save", []).append(saved - exported)

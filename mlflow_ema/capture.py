@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,13 +71,10 @@ def stop_capture(w: Watched) -> None:
 
 
 def _eager(fn: Any) -> Any:
-    """Run the hook in Python even inside a ``torch.compile``d forward (a graph break once)."""
-    try:
-        import torch._dynamo
-
-        return torch._dynamo.disable(fn)
-    except Exception:  # no dynamo: nothing to step around
-        return fn
+    """Run the hook in Python even inside a compiled forward (``model.compile()``: a graph
+    break, once). Only when dynamo is loaded already: importing it costs about a second."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo.disable(fn) if dynamo is not None and hasattr(dynamo, "disable") else fn
 
 
 def _record(w: Watched, args: tuple, kwargs: dict, real: bool) -> None:
