@@ -24,7 +24,7 @@ from torch import nn
 
 from mlflow_ema.capture import start_capture, stop_capture
 from mlflow_ema.checkpointing import NO_RUN_MESSAGE, Checkpoints, active_run, rank_zero
-from mlflow_ema.discovery import SCHEDULER_TYPES, find_model, find_schedulers, live_objects
+from mlflow_ema.discovery import find_model, find_schedulers, held_objects
 from mlflow_ema.ema import EMA, is_sharded, unwrap_model
 from mlflow_ema.errors import MlflowEmaError
 from mlflow_ema.ledger import Ledger
@@ -174,8 +174,8 @@ class Session:
         for w in self.watched:
             if any(o is optimizer for o in w.optimizers):
                 return w
-        live = live_objects((nn.Module, *SCHEDULER_TYPES))  # one scan of the heap per new optimizer
-        entry = find_model(optimizer, live)  # what the loop calls: the model, or its wrapper
+        held = held_objects()  # what the code stepping the optimizer holds: its model, schedulers
+        entry = find_model(optimizer, held)  # what the loop calls: the model, or its wrapper
         model = unwrap_model(entry) if entry is not None else None
         if model is None:
             self.warn_once(
@@ -190,7 +190,7 @@ class Session:
                 return w
         if rank_zero() and active_run() is None:
             self.warn_once("no-run", NO_RUN_MESSAGE)
-        return self.add(entry, [optimizer], driver="autolog", schedulers=find_schedulers([optimizer], live))
+        return self.add(entry, [optimizer], driver="autolog", schedulers=find_schedulers([optimizer], held))
 
     def add(self, model: nn.Module, optimizers: list[Any], *, driver: Driver, ema: EMA | None = None,
             name: str | None = None, model_factory: str | None = None, model_kwargs: dict | None = None,
@@ -205,8 +205,8 @@ class Session:
         ema = ema if ema is not None else self.config.build(model)
         run_tags = _run_tags(model, model_factory or self.config.model_factory,
                              model_kwargs if model_kwargs is not None else self.config.model_kwargs)  # fmt: skip
-        if schedulers is None:
-            schedulers = find_schedulers(optimizers) if optimizers else []
+        if schedulers is None:  # watch(): those the caller holds already (resume() passes its own)
+            schedulers = find_schedulers(optimizers, held_objects()) if optimizers else []
         w = Watched(model, ema, list(optimizers), schedulers, name, driver, run_tags,
                     optimizer_steps=ema.step, sharded=sharded, entry=entry)  # fmt: skip
         self.watched.append(w)
