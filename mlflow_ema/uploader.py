@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from mlflow_ema.tags import (  # noqa: F401  # RUN_TAG_UPLOAD_FAILURES, TAG_MODE
 )
 
 _logger = logging.getLogger("mlflow_ema")
+SLOW_WAIT = 5.0  # seconds the training may wait for an upload slot before it is told why
 
 
 @dataclasses.dataclass
@@ -112,16 +114,33 @@ class Uploader:
         self._experiments: dict[str, str] = {}
         self._tagged: set[tuple[str, str, str]] = set()  # (run_id, key, value) set already
         self._architectures: set[tuple[str, str]] = set()  # (run_id, artifact path) uploaded
+        self._warned_waits: set[str] = set()  # runs whose training was told it waits for uploads
 
     # -- called from the training side ------------------------------------------------
 
     def submit(self, job: UploadJob) -> None:
-        """Queue a checkpoint; blocks only while ``max_queue`` are already waiting."""
+        """Queue a checkpoint; blocks only while ``max_queue`` are already waiting, and says
+        so once per run when that lasts more than :data:`SLOW_WAIT` seconds."""
         with self._cond:
+            started = time.monotonic()
             while len(self._jobs) >= self.max_queue:  # back-pressure
-                self._cond.wait()
+                waited = time.monotonic() - started
+                if waited >= SLOW_WAIT and job.run_id not in self._warned_waits:
+                    self._warned_waits.add(job.run_id)
+                    warnings.warn(self._wait_message(job, waited), stacklevel=4)
+                self._cond.wait(
+                    timeout=None if job.run_id in self._warned_waits else SLOW_WAIT - waited + 0.01
+                )
             self._jobs.append(job)
             self._wake()
+
+    def _wait_message(self, job: UploadJob, waited: float) -> str:
+        return (
+            f"mlflow-ema: training has waited {waited:.0f} s for an upload slot: {len(self._jobs)} checkpoint(s) "
+            f"are queued (max_queue={self.max_queue}) and the upload in progress is slow, so the tracking server "
+            f"({job.tracking_uri}) is slow or unreachable. Training goes on as uploads finish; a larger "
+            "max_queue waits less (more memory)"
+        )
 
     def request_sync(self, job: UploadJob) -> None:
         """Link newly logged metrics and prune for this run, soon, off the training thread."""

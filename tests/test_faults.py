@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import warnings
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -156,3 +159,61 @@ def test_checkpoints_are_flushed_at_interpreter_exit(tracking, tmp_path):
     assert run.info.status == "FINISHED"
     models = MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
     assert sorted((m.name, str(m.status)) for m in models) == [("ema-step3", "READY"), ("raw-step3", "READY")]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The process and its children, from /proc (the server's workers are its children)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def test_a_server_that_stops_answering_makes_training_wait_and_say_so_once(tmp_path, monkeypatch, digits):
+    """SIGSTOP freezes the server (an outage without errors); SIGCONT after 8 s ends it."""
+    import threading
+
+    proc, uri = start_server(tmp_path / "server")
+    try:
+        monkeypatch.chdir(tmp_path)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("slow")
+        _SESSION.reset()
+        mlflow_ema.autolog(checkpoint_every_n_steps=1, max_queue=1)
+        model = make_net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with mlflow.start_run() as run:
+            train_steps(model, opt, digits, 1)
+            assert mlflow_ema.flush(timeout=60)
+            frozen = _descendants(proc.pid)
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            thaw = threading.Timer(8, lambda: [os.kill(pid, signal.SIGCONT) for pid in frozen])
+            thaw.start()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_steps(model, opt, digits, 4, start=1)  # the 3rd checkpoint waits for a slot
+            thaw.join()
+        waits = [str(w.message) for w in caught if "upload slot" in str(w.message)]
+        assert len(waits) == 1, waits
+        assert re.search(
+            r"waited \d+ s for an upload slot: 1 checkpoint\(s\) are queued \(max_queue=1\)", waits[0]
+        )
+        assert uri in waits[0] and "slow or unreachable" in waits[0]
+        models = MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+        assert sorted(m.name for m in models if m.status.name == "READY") == sorted(
+            f"{k}-step{s}" for k in ("raw", "ema") for s in range(1, 6)
+        )  # nothing lost
+    finally:
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+        stop_server(proc)
+        _SESSION.reset()
+        mlflow.set_tracking_uri(None)
