@@ -42,7 +42,7 @@ from mlflow_ema.snapshot import (
     save_part,
     take_snapshot,
 )
-from mlflow_ema.tags import RUN_TAG_ARCHITECTURE_ERROR, TAG_MODEL
+from mlflow_ema.tags import RUN_TAG_ARCHITECTURE_ERROR, TAG_MODEL, TAG_MODEL_NAME
 from mlflow_ema.uploader import CheckpointPart, UploadJob
 from mlflow_ema.watched import Watched
 
@@ -113,6 +113,8 @@ class Checkpoints:
             return False
         at_end = run is not None
         run = run or active_run()
+        if run is not None:
+            session.name_models(run[0])
         if run is None or session.ledger.has_checkpoint(run[0], step, w.prefix + "raw-"):
             if run is None:
                 session.warn_once("no-run", NO_RUN_MESSAGE)
@@ -134,7 +136,7 @@ class Checkpoints:
         """The job also uploads ``w``'s architecture folder (exported now, the first time) and
         sets its run tags, with why there is no program if there is none."""
         folder = architecture_folder(w, self.session, run_end=at_end)
-        job.architecture = (architecture_path(w.name), folder) if folder is not None else None
+        job.architecture = (architecture_path(w.prefix.removesuffix("-") or None), folder) if folder else None
         job.run_tags = dict(w.run_tags)
         if w.architecture.error:
             job.run_tags[RUN_TAG_ARCHITECTURE_ERROR] = (
@@ -174,7 +176,7 @@ class Checkpoints:
                     ema_decay=w.ema.last_decay if kind == "ema" else None,
                     ema_updates=w.ema.num_updates if kind == "ema" else None,
                     init_fingerprint=w.ema.init_fingerprint,
-                    tags={TAG_MODEL: w.name} if w.name else {},
+                    tags={TAG_MODEL_NAME: w.label, **({TAG_MODEL: w.name} if w.name else {})},
                 )
             )  # fmt: skip
         return parts

@@ -120,9 +120,9 @@ def _checkpoint_program(uri: str, dst: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from mlflow_ema.programs import PROGRAM_FILE
+    from mlflow_ema.programs import PROGRAM_FILE, checkpoint_model_name
     from mlflow_ema.soup_model import download_architecture
-    from mlflow_ema.tags import RUN_TAG_ARCHITECTURE_ERROR, TAG_MODEL
+    from mlflow_ema.tags import RUN_TAG_ARCHITECTURE_ERROR, TAG_KIND
 
     client = mlflow.MlflowClient()
     try:
@@ -130,7 +130,8 @@ def _checkpoint_program(uri: str, dst: Path) -> Path:
     except MlflowException as e:
         raise CheckpointError(f"{uri}: no such checkpoint ({e.error_code})") from None
     run_id = logged.source_run_id
-    folder = download_architecture(run_id, logged.tags.get(TAG_MODEL), dst) if run_id else None
+    name = checkpoint_model_name(logged.name, logged.tags.get(TAG_KIND, ""))
+    folder = download_architecture(run_id, name, dst) if run_id else None
     if folder is None or not (folder / PROGRAM_FILE).is_file():
         why = (client.get_run(run_id).data.tags.get(RUN_TAG_ARCHITECTURE_ERROR) if run_id else None) or (
             "trained with mlflow-ema < 0.4"

@@ -51,6 +51,13 @@ def architecture_path(name: str | None) -> str:
     return f"mlflow_ema/{name}-architecture" if name else "mlflow_ema/architecture"
 
 
+def checkpoint_model_name(checkpoint: str, kind: str) -> str | None:
+    """The model name a checkpoint's name starts with (``generator-ema-step9`` -> ``generator``),
+    None for a run's only model (``ema-step9``)."""
+    cut = checkpoint.rfind(f"{kind}-step")
+    return checkpoint[:cut].removesuffix("-") or None if cut > 0 else None
+
+
 # -- exporting ------------------------------------------------------------------------------------
 
 

@@ -187,6 +187,13 @@ class Session:
         for w in self.watched:
             if w.model is model:  # another optimizer of a watched model: the first one drives
                 w.optimizers.append(optimizer)
+                self.warn_once(
+                    f"shared-{id(w)}",
+                    f"one module, {type(model).__name__}, holds the parameters of several optimizers "
+                    f"({', '.join(type(o).__name__ for o in w.optimizers)}): one EMA covers them all, updated at "
+                    "the first one's steps. If they train separate models (a GAN's generator and discriminator), "
+                    "keep those as separate modules in your loop, or call mlflow_ema.watch(model, optimizer) for each",
+                )
                 return w
         if rank_zero() and active_run() is None:
             self.warn_once("no-run", NO_RUN_MESSAGE)
@@ -224,6 +231,18 @@ class Session:
         if w in self.watched:
             self.watched.remove(w)
         stop_capture(w)
+
+    def name_models(self, run_id: str) -> None:
+        """Name the models that train in run ``run_id`` (in the order their optimizers first
+        stepped): ``watch(name=...)``, else the class name in lower case, ``-2``... for a
+        second of one class. With several, checkpoint names start with the name."""
+        in_run = [w for w in self.watched if w.run_id in (run_id, None)]  # None: not stepped yet
+        counts: dict[str, int] = {}
+        for w in in_run:
+            base = w.name or type(w.model).__name__.lower()
+            counts[base] = counts.get(base, 0) + 1
+            w.label = base if counts[base] == 1 else f"{base}-{counts[base]}"
+            w.several = len(in_run) > 1
 
     def select(self, model: nn.Module | None) -> list[Watched]:
         """The watched model(s) an API call is about: ``model``'s, or all of them."""

@@ -32,6 +32,7 @@ from mlflow_ema.programs import (
     PROGRAM_FILE,
     ExportedModule,
     architecture_path,
+    checkpoint_model_name,
     flat_inputs,
     load_program,
 )
@@ -63,9 +64,8 @@ class SoupModel:
 
 
 def model_name(candidate: Candidate) -> str | None:
-    """The ``name=`` a checkpoint's model was watched with (``G-ema-step9`` -> ``G``)."""
-    cut = candidate.name.rfind(f"{candidate.kind}-step")
-    return candidate.name[:cut].removesuffix("-") or None if cut > 0 else None
+    """The name a checkpoint's model has among its run's models (``G-ema-step9`` -> ``G``)."""
+    return checkpoint_model_name(candidate.name, candidate.kind)
 
 
 def soup_model(options: AverageOptions, first: Candidate, folder: Path) -> SoupModel:

@@ -38,7 +38,11 @@ class Watched:
     architecture: Architecture = dataclasses.field(default_factory=Architecture)  # see mlflow_ema.capture
     entry: nn.Module | None = None  # what the loop calls (a DDP / torch.compile wrapper), if not the model
 
+    label: str = ""  # its name among the run's models (checkpoint names, mlflow_ema.model_name)
+    several: bool = False  # its run trains several models: its checkpoint names start with label
+
     @property
     def prefix(self) -> str:
-        """Checkpoint names of a named model start with it: ``<name>-raw-step<N>``."""
-        return f"{self.name}-" if self.name else ""
+        """Checkpoint names start with the model's name when it was given (``watch(name=)``)
+        or when its run trains several models: ``<name>-raw-step<N>``."""
+        return f"{self.label or self.name}-" if self.name or self.several else ""

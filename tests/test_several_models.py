@@ -1,0 +1,140 @@
+"""Several models in one run under plain ``autolog()`` (issue 13, item 3): a GAN with two
+optimizers gets both models checkpointed, each under its own name; two models of one class
+get distinct names; one module holding several optimizers' parameters is warned about."""
+
+from __future__ import annotations
+
+import warnings
+
+import mlflow
+import pytest
+import torch
+from helpers import logged_models
+from mlflow import MlflowClient
+from torch import nn
+
+import mlflow_ema
+
+
+class Generator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 64), nn.Sigmoid())
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class Discriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def train_gan(G, D, opt_g, opt_d, digits, steps: int) -> None:
+    """The textbook loop: a discriminator step, then a generator step."""
+    x, _ = digits
+    bce = nn.BCEWithLogitsLoss()
+    for i in range(steps):
+        g = torch.Generator().manual_seed(i)
+        real, z = x[torch.randint(0, len(x), (32,), generator=g)], torch.randn(32, 16, generator=g)
+        fake = G(z)
+        d_loss = bce(D(real), torch.ones(32, 1)) + bce(D(fake.detach()), torch.zeros(32, 1))
+        opt_d.zero_grad()
+        d_loss.backward()
+        opt_d.step()
+        g_loss = bce(D(fake), torch.ones(32, 1))
+        opt_g.zero_grad()
+        g_loss.backward()
+        opt_g.step()
+
+
+def test_a_gan_gets_both_models_checkpointed_under_their_names(tracking, digits):
+    torch.manual_seed(0)
+    G, D = Generator(), Discriminator()
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), 2e-4), torch.optim.Adam(D.parameters(), 2e-4)
+    mlflow_ema.autolog(checkpoint_every_n_steps=5)
+    with warnings.catch_warnings(record=True) as caught, mlflow.start_run() as run:
+        warnings.simplefilter("always")
+        train_gan(G, D, opt_g, opt_d, digits, 10)
+        steps = mlflow_ema.get_ema(G).step, mlflow_ema.get_ema(D).step  # each its own optimizer's
+    assert steps == (10, 10)
+    assert not [w for w in caught if "mlflow-ema" in str(w.message)]
+    models = logged_models(run.info.run_id)
+    assert sorted(m.name for m in models) == sorted(
+        f"{who}-{kind}-step{s}"
+        for who in ("generator", "discriminator")
+        for kind in ("raw", "ema")
+        for s in (5, 10)
+    )
+    for m in models:
+        who = m.name.split("-")[0]
+        assert m.tags["mlflow_ema.model_name"] == who
+        weights = mlflow_ema.load_state_dict(f"models:/{m.model_id}")
+        own = (G if who == "generator" else D).state_dict()
+        assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in own.items()}
+    folders = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "mlflow_ema")}
+    assert folders == {"mlflow_ema/generator-architecture", "mlflow_ema/discriminator-architecture"}
+    generator = mlflow_ema.load_model(
+        f"models:/{next(m.model_id for m in models if m.name == 'generator-ema-step10')}"
+    )
+    assert generator(torch.randn(3, 16)).shape == (3, 64)
+
+
+def test_two_models_of_one_class_get_distinct_names_in_step_order(tracking, digits):
+    x, y = digits
+    first, second = nn.Sequential(nn.Linear(64, 10)), nn.Sequential(nn.Linear(64, 10))
+    opt_1, opt_2 = torch.optim.SGD(first.parameters(), 0.1), torch.optim.SGD(second.parameters(), 0.1)
+    mlflow_ema.autolog()
+    with mlflow.start_run() as run:
+        for _ in range(3):
+            for model, opt in ((second, opt_2), (first, opt_1)):  # the second model steps first
+                loss = nn.functional.cross_entropy(model(x[:32]), y[:32])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    names = {m.name: m.tags["mlflow_ema.model_name"] for m in logged_models(run.info.run_id)}
+    assert names == {
+        "sequential-raw-step3": "sequential", "sequential-ema-step3": "sequential",
+        "sequential-2-raw-step3": "sequential-2", "sequential-2-ema-step3": "sequential-2",
+    }  # fmt: skip
+    by_name = {m.name: m for m in logged_models(run.info.run_id)}
+    stepped_first = mlflow_ema.load_state_dict(f"models:/{by_name['sequential-raw-step3'].model_id}")
+    assert torch.equal(stepped_first["0.weight"], second[0].weight)  # named in the order they first stepped
+
+
+def test_one_model_keeps_todays_names_and_is_tagged(tracking, digits):
+    x, y = digits
+    model = nn.Sequential(nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    mlflow_ema.autolog()
+    with mlflow.start_run() as run:
+        loss = nn.functional.cross_entropy(model(x[:32]), y[:32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    models = logged_models(run.info.run_id)
+    assert sorted(m.name for m in models) == ["ema-step1", "raw-step1"]
+    assert {m.tags["mlflow_ema.model_name"] for m in models} == {"sequential"}
+
+
+class GAN(nn.Module):
+    """Both models in one module: one EMA would cover both, stepped by one optimizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator, self.discriminator = Generator(), Discriminator()
+
+
+def test_one_module_holding_several_optimizers_parameters_is_warned_about(tracking, digits):
+    gan = GAN()
+    opt_g = torch.optim.Adam(gan.generator.parameters(), 2e-4)
+    opt_d = torch.optim.Adam(gan.discriminator.parameters(), 2e-4)
+    G, D = gan.generator, gan.discriminator  # noqa: F841 - held, as a user's loop would
+    mlflow_ema.autolog(checkpoint_at_end=False)
+    warning = r"one module, GAN, holds the parameters of several optimizers \(Adam, Adam\)"
+    with pytest.warns(UserWarning, match=warning), mlflow.start_run():
+        train_gan(gan.generator, gan.discriminator, opt_g, opt_d, digits, 2)
