@@ -13,7 +13,10 @@ from __future__ import annotations
 TAG_KIND = "mlflow_ema.kind"  # "raw" or "ema"; selection searches by it
 TAG_STEP = "mlflow_ema.step"  # optimizer steps taken when the checkpoint was made
 TAG_EPOCH = "mlflow_ema.epoch"  # epochs completed, when known (else not set)
-TAG_MODEL = "mlflow_ema.model"  # the ``name=`` of watch(), telling several watched models apart
+TAG_MODEL = "mlflow_ema.model"  # the ``name=`` of watch(), when given
+# The model's name among its run's models: watch(name=), else its class in lower case (``-2``...
+# for a second of one class); checkpoint names start with it when the run trains several.
+TAG_MODEL_NAME = "mlflow_ema.model_name"
 TAG_INIT_FINGERPRINT = "mlflow_ema.init_fingerprint"  # sha256 of the parameters before the first step
 TAG_ALL_FINITE = "mlflow_ema.all_finite"  # "false" when a weight is NaN/inf (averaging refuses it)
 TAG_FORMAT_VERSION = "mlflow_ema.format_version"  # the checkpoint manifest's format version
@@ -46,6 +49,9 @@ TAG_INCOMPLETE = "mlflow_ema.incomplete"
 TAG_SOURCES = "mlflow_ema.sources"  # JSON list, per member: run_id, model_id, step, value, weight, sha256
 TAG_STRATEGY = "mlflow_ema.strategy"  # the averaging strategy: "uniform" or "greedy"
 TAG_VERSION = "mlflow_ema.version"  # the mlflow-ema version that made the soup
+# "true" when the soup was scored (average --eval), "false" when averaged without it: promote
+# --if-better refuses a "false" version, which has no value to compare
+TAG_SCORED = "mlflow_ema.scored"
 
 # -- on a promoted model version (registry.promote) ------------------------------------------
 
