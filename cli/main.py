@@ -83,14 +83,13 @@ def main(ctx: click.Context, tracking_uri: str | None, debug: bool) -> None:
 
 
 def _experiments(experiments: tuple[str, ...], run_id: str | None) -> tuple[str, ...]:
-    import os
+    """The named experiments; none named (and no --run): $MLFLOW_EXPERIMENT_NAME, else the
+    Default experiment (id 0), where runs go when the training script set no experiment."""
+    from mlflow_ema.selection import default_experiments
 
     if experiments or run_id:
         return experiments
-    default = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    if not default:
-        raise click.UsageError("name an --experiment (or set MLFLOW_EXPERIMENT_NAME), or a --run")
-    return (default,)
+    return default_experiments()
 
 
 def _selection_table(candidates: list) -> str:
@@ -132,6 +131,8 @@ def average(dry_run: bool, as_json: bool, **params: Any) -> None:
     if not as_json:
         detail(_selection_table(selection.candidates))
     result = workflow.average_runs(options, selection=selection, progress=progress(as_json))
+    if result.registered and result.soup_value is None:  # its version is tagged mlflow_ema.scored=false
+        note("note: the soup was not scored (averaged without --eval); promote --if-better will refuse it")
     emit(as_json, _average_data(result), _average_text(result, options.strategy, options.metric))
 
 
@@ -149,6 +150,7 @@ def _average_data(result) -> dict:
         "members": [{**c.as_dict(), "weight": w} for c, w in result.members],
         "rejected": [{**c.as_dict(), "score": s} for c, s in result.rejected],
         "soup_value": result.soup_value,
+        "scored": result.soup_value is not None,
         "registered": None if result.registered is None else vars(result.registered),
         "output": result.output,
     }

@@ -87,7 +87,7 @@ class AverageOptions:
     # -- selection (shared with ``mlflow-ema ls``) --
     experiments: Sequence[str] = option(
         (), "--experiment", "-e", metavar="NAME", selection=True, param="experiments",
-        help="Experiment name or id (repeatable). Default: $MLFLOW_EXPERIMENT_NAME.",
+        help="Experiment name or id (repeatable). Default: $MLFLOW_EXPERIMENT_NAME, else the Default experiment.",
     )  # fmt: skip
     run_id: str | None = option(
         None, "--run", metavar="RUN_ID", selection=True, param="run_id",
@@ -151,6 +151,12 @@ class AverageOptions:
     alias: str | None = option(
         None, "--alias", metavar="ALIAS", help="Point this alias of --register-as at the new version."
     )
+    # None: "<the first member's experiment>-soups" (registry.soup_experiment_id)
+    soup_experiment: str | None = option(
+        None, "--soup-experiment", metavar="NAME",
+        help="Experiment of the soup run (created if missing). Default: '<the members' experiment>-soups', "
+        "so soup runs never mix with a sweep's runs.",
+    )  # fmt: skip
     output: str | None = option(
         None, "--output", folder=True, help="Also write the soup checkpoint to this new folder."
     )

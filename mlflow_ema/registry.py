@@ -1,15 +1,17 @@
 """Registering an averaged model as a new model version, and promoting versions by
 moving aliases (MLflow's way since registry stages were deprecated).
 
-:func:`register_soup` records the averaging as an MLflow run: params (the selection,
+:func:`register_soup` records the averaging as an MLflow run (in the soups' own experiment,
+:func:`soup_experiment_id`, never among a sweep's runs): params (the selection,
 strategy and weights), metrics (each member's value and, when evaluated, the soup's),
 artifacts (``soup/``: the averaged checkpoint, ``model.safetensors`` or shards above
 ``max_shard_size``, and ``manifest.json``; ``soup.png``, the members against the soup), and a
 pytorch-flavor model holding the soup's weights (:mod:`mlflow_ema.soup_model`: by default
 MLflow's pt2 format, with a signature and an input example, no pickle). Only then is the
 model registered, with the version tags ``mlflow_ema.sources`` (JSON: per member ``run_id``,
-``model_id``, ``step``, ``value``, ``weight``, ``sha256``), ``mlflow_ema.strategy`` and
-``mlflow_ema.sha256`` (of the averaged weights); every sha256 is
+``model_id``, ``step``, ``value``, ``weight``, ``sha256``), ``mlflow_ema.strategy``,
+``mlflow_ema.scored`` (``"false"`` without a soup value: :func:`promote` with ``if_better``
+refuses it) and ``mlflow_ema.sha256`` (of the averaged weights); every sha256 is
 :func:`~mlflow_ema.checkpoint.weights_digest`, the file's for ``model.safetensors``, one over
 the shards' for sharded weights. A failure before that registers nothing.
 """
@@ -39,6 +41,7 @@ from mlflow_ema.tags import (
     TAG_PROMOTED_FROM,
     TAG_PROMOTED_TO,
     TAG_REPLACED,
+    TAG_SCORED,
     TAG_SHA256,
     TAG_SOURCES,
     TAG_STRATEGY,
@@ -91,6 +94,56 @@ def check_metric_name(metric: str, *, option: str) -> None:
         raise RegistryError(f"invalid {option} {metric!r}: {e.message}") from None
 
 
+SOUP_EXPERIMENT_SUFFIX = "-soups"
+
+
+def soup_experiment_id(members_experiment_id: str, name: str | None = None) -> str:
+    """The experiment of a soup run, created if missing: ``name``, else '<the members'
+    experiment>-soups' (``Default-soups`` for the Default experiment), so that soup runs
+    never mix with a sweep's runs. In a local store its artifacts go next to the members'
+    experiment's (not under the working directory, MLflow's default)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    members = client.get_experiment(members_experiment_id)
+    name = name or f"{members.name}{SOUP_EXPERIMENT_SUFFIX}"
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_soup_artifact_location(members, name))
+        except MlflowException as e:  # another command may have created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise RegistryError(f"cannot create the soup experiment {name!r}: {_first_line(e)}") from None
+    if experiment.lifecycle_stage == "deleted":
+        raise RegistryError(
+            f"the soup experiment {name!r} is deleted: restore it (mlflow experiments restore) or give "
+            "--soup-experiment NAME"
+        )
+    return experiment.experiment_id
+
+
+def _soup_artifact_location(members: Any, name: str) -> str | None:
+    """``<the members' artifact root>/soups/<name>`` for a database store whose artifacts are
+    local (MLflow would use ``./mlruns`` under the working directory); else None: a server's,
+    or a file store's, own default."""
+    from urllib.parse import quote, urlparse
+
+    import mlflow
+
+    database = urlparse(mlflow.get_tracking_uri()).scheme.split("+")[0] in (
+        "sqlite",
+        "postgresql",
+        "mysql",
+        "mssql",
+    )
+    location = (members.artifact_location or "").rstrip("/")
+    if not database or urlparse(location).scheme not in ("file", "") or "/" not in location:
+        return None
+    return f"{location.rsplit('/', 1)[0]}/soups/{quote(name, safe='')}"
+
+
 def register_soup(
     state_dict: Mapping[str, torch.Tensor],
     members: Sequence[tuple[Candidate, float, Manifest]],
@@ -134,7 +187,7 @@ def register_soup(
             info = log_soup_model(model, requirements)
             sha256 = weights_digest(manifest)
             tags = {TAG_SOURCES: json.dumps(sources), TAG_STRATEGY: strategy, TAG_SHA256: sha256,
-                    TAG_VERSION: __version__}  # fmt: skip
+                    TAG_VERSION: __version__, TAG_SCORED: "false" if soup_value is None else "true"}  # fmt: skip
             version = mlflow.register_model(info.model_uri, name, tags=tags)
             made["version"] = version.version
             if alias:
@@ -289,10 +342,18 @@ def _chart(
     if known:
         spread = max(known) - min(known) or abs(max(known)) * 0.01 or 0.01
         ax.set_ylim(min(known) - spread, max(known) + spread)
+    title, shown = "members and the soup", "members and the soup"
+    if soup_value is None:
+        title, shown = (
+            "members; the soup was not scored (averaged without --eval)",
+            "members (soup not scored)",
+        )
+        ax.text(0.5, 0.5, "soup not scored\n(averaged without --eval)", transform=ax.transAxes, ha="center",
+                va="center", fontsize=11, color="#c0392b", bbox={"facecolor": "white", "alpha": 0.8})  # fmt: skip
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("members and the soup")
+    ax.set_title(shown)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Title": title})
     plt.close(fig)
     return path
 
@@ -340,6 +401,11 @@ def promote(
             name, candidate.version, to, False, f"{to} already points to version {candidate.version}"
         )
     if if_better:
+        if candidate.tags.get(TAG_SCORED) == "false":
+            raise RegistryError(
+                f"version {candidate.version} of {name!r} was not scored (averaged without --eval): "
+                f"--if-better {if_better} has nothing to compare"
+            )
         new = _recorded(client, candidate, if_better)
         if new is None:
             raise RegistryError(

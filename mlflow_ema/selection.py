@@ -53,8 +53,35 @@ def _metric_value(model: Any, metric: str, step: int) -> float | None:
     return values[0][1] if values else None
 
 
-def _experiment_ids(client: Any, experiments: Sequence[str]) -> list[str]:
-    ids = []
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default" experiment, where runs go when none is set
+_DEFAULT_VARIABLES = ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+
+
+def default_experiments() -> tuple[str, ...]:
+    """The experiments to select from when none is named: ``$MLFLOW_EXPERIMENT_NAME``, else
+    ``$MLFLOW_EXPERIMENT_ID``, else the Default experiment: where MLflow (and so autolog) logs
+    runs when the script set no experiment."""
+    import os
+
+    for variable in _DEFAULT_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            return (value,)
+    return (DEFAULT_EXPERIMENT_ID,)
+
+
+def is_soup_run(run: Any) -> bool:
+    """A run ``mlflow-ema average`` made (``soup-NAME``, with its strategy and members as
+    params): it holds a soup, not checkpoints. Older versions logged it in the sweep's
+    experiment."""
+    return (run.info.run_name or "").startswith("soup-") and {"strategy", "members"} <= set(run.data.params)
+
+
+def _experiments(client: Any, experiments: Sequence[str]) -> list[Any]:
+    """The named experiments (by name, else by id)."""
+    import os
+
+    found = []
     for name in experiments:
         experiment = client.get_experiment_by_name(name)
         if experiment is None and name.isdigit():
@@ -63,9 +90,10 @@ def _experiment_ids(client: Any, experiments: Sequence[str]) -> list[str]:
             except Exception:
                 experiment = None
         if experiment is None:
-            raise SelectionError(f"unknown experiment {name!r}")
-        ids.append(experiment.experiment_id)
-    return ids
+            source = [f" (${v})" for v in _DEFAULT_VARIABLES if os.environ.get(v, "").strip() == name]
+            raise SelectionError(f"unknown experiment {name!r}{''.join(source[:1])}")
+        found.append(experiment)
+    return found
 
 
 def _checkpoints(client: Any, experiment_ids: list[str], kind: str, run_ids: set[str] | None) -> list[Any]:
@@ -141,9 +169,8 @@ def select(
             min_k=min_k,
             statuses=statuses,
         )
-    if not experiments:
-        raise SelectionError("name at least one --experiment, or a --run")
-    experiment_ids = _experiment_ids(client, experiments)
+    found = _experiments(client, tuple(experiments) or default_experiments())
+    experiment_ids, experiments = [e.experiment_id for e in found], [e.name for e in found]
     runs = _search_runs(client, experiment_ids, experiments, filter_string, statuses)
     run_names = {r.info.run_id: r.info.run_name for r in runs}
     started = {r.info.run_id: r.info.start_time or 0 for r in runs}
@@ -186,6 +213,13 @@ def _search_runs(
     status when empty); refuses none."""
     runs = client.search_runs(experiment_ids, filter_string=filter_string or "", max_results=50000)
     runs = [r for r in runs if not statuses or r.info.status in statuses]
+    soups = [r for r in runs if is_soup_run(r)]
+    runs = [r for r in runs if not is_soup_run(r)]
+    if not runs and soups:
+        raise SelectionError(
+            f"{', '.join(experiments)} holds only soup runs ({soups[0].info.run_name}, made by mlflow-ema average), "
+            "which have no checkpoints to average: select the experiment of the sweep's runs"
+        )
     if not runs:
         raise SelectionError(
             f"no {'/'.join(statuses) or ''} runs in {', '.join(experiments)} match the filter"
@@ -224,6 +258,11 @@ def _select_in_run(
     if statuses and run.info.status not in statuses:
         raise SelectionError(
             f"run {run_id} is {run.info.status}, not {'/'.join(statuses)} (--status {run.info.status} to take it)"
+        )
+    if is_soup_run(run):
+        raise SelectionError(
+            f"run {run_id} is a soup run ({run.info.run_name}, made by mlflow-ema average): it has no checkpoints "
+            "to average"
         )
     names = {run_id: run.info.run_name}
     candidates = [

@@ -20,7 +20,13 @@ from mlflow_ema.architecture import load_weights
 from mlflow_ema.average_options import AverageOptions, check_choices, recorded_params, selection_kwargs
 from mlflow_ema.checkpoint import parse_size, read_manifest, save_checkpoint
 from mlflow_ema.errors import MlflowEmaError
-from mlflow_ema.registry import RegisteredSoup, check_alias, check_model_name, register_soup
+from mlflow_ema.registry import (
+    RegisteredSoup,
+    check_alias,
+    check_model_name,
+    register_soup,
+    soup_experiment_id,
+)
 from mlflow_ema.selection import Candidate, Selection, select
 from mlflow_ema.soup import AveragingError, Member, average, greedy_soup, normalized_weights
 from mlflow_ema.soup_model import SoupModel, soup_model
@@ -54,6 +60,11 @@ def check_options(options: AverageOptions) -> None:
         if not options.register_as:
             raise MlflowEmaError("--alias needs --register-as")
         check_alias(options.alias, option="--alias")
+    if options.soup_experiment is not None:
+        if not options.register_as:
+            raise MlflowEmaError("--soup-experiment needs --register-as (it is where the soup run goes)")
+        if not options.soup_experiment.strip():
+            raise MlflowEmaError("--soup-experiment must name an experiment")
     if options.output:
         check_new_folder(options.output, option="--output")
     if options.model_kwargs is not None and not isinstance(options.model_kwargs, dict):
@@ -187,7 +198,8 @@ def _register(
 ) -> RegisteredSoup:
     import mlflow
 
-    experiment_id = mlflow.MlflowClient().get_run(result.members[0][0].run_id).info.experiment_id
+    members_experiment = mlflow.MlflowClient().get_run(result.members[0][0].run_id).info.experiment_id
+    experiment_id = soup_experiment_id(members_experiment, options.soup_experiment)
     return register_soup(
         state,
         [(c, w, m) for (c, w), m in zip(result.members, manifests, strict=True)],

@@ -37,9 +37,7 @@ def cli(small_sweep, tmp_path, monkeypatch):
     client = MlflowClient()
     for model in client.search_registered_models():
         client.delete_registered_model(model.name)
-    for run in client.search_runs(
-        [client.get_experiment_by_name("sweep").experiment_id], "attributes.run_name LIKE 'soup-%'"
-    ):
+    for run in soup_runs():
         client.delete_run(run.info.run_id)
     mlflow.set_tracking_uri(None)
 
@@ -51,10 +49,14 @@ def one_error(output: str) -> str:
 
 
 def soup_runs(view: int = 1) -> list:
-    """Soup runs of the sweep: active ones (view 1), or all, deleted ones too (view 3)."""
+    """Soup runs of the sweep (in sweep-soups): active ones (view 1), or all, deleted ones too (view 3)."""
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("sweep").experiment_id
-    return client.search_runs([experiment], "attributes.run_name LIKE 'soup-%'", run_view_type=view)
+    experiment = client.get_experiment_by_name("sweep-soups")
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id], "attributes.run_name LIKE 'soup-%'", run_view_type=view
+    )
 
 
 def run_command(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -185,7 +187,7 @@ def test_if_better_refuses_a_version_without_the_metric_even_with_no_holder(cli)
     line = one_error(
         cli("promote", "soup", "--from-alias", "candidate", "--if-better", "ema/val_acc", code=1)
     )
-    assert "has no recorded 'ema/val_acc'" in line
+    assert "was not scored (averaged without --eval)" in line
     assert "champion" not in MlflowClient().get_registered_model("soup").aliases
 
 
