@@ -3,7 +3,7 @@
 Torch optimizers do not know their module. At an optimizer's first ``step()``, the code
 that calls it holds the model: the training loop's ``model`` variable, a trainer's
 ``self.model``, a list of models. :func:`held_objects` collects what the frames on the call
-stack hold (their local variables, and one level into the objects and containers those
+stack hold (their local variables, and two levels into the objects and containers those
 hold), and :func:`find_model` picks, among the modules there, the outermost one that owns
 every parameter the optimizer updates (a DDP or ``torch.compile`` wrapper is kept: the loop
 calls it). The cost depends on the stack, not on the heap: well under a millisecond
@@ -29,6 +29,7 @@ from mlflow_ema.ema import unwrap_model
 
 SCHEDULER_TYPES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 MAX_FRAMES = 64  # stack frames looked at, innermost first
+DEPTH = 2  # levels looked into below a local variable: a trainer's self.models["G"]
 _CONTAINERS = (list, tuple, dict)
 _WANTED = (nn.Module, *SCHEDULER_TYPES)
 # Values not looked into: their attributes are code or data, not the training's objects.
@@ -39,7 +40,7 @@ _NOT_HOLDERS = (type, str, bytes, int, float, types.ModuleType, types.FunctionTy
 def held_objects(frame: FrameType | None = None, *, max_frames: int = MAX_FRAMES) -> list[Any]:
     """Modules and schedulers held by the frames from ``frame`` (default: the caller's) up
     the stack: local variables, and the attributes and items of the objects and containers
-    they hold (one level). Each object once, in the order found."""
+    they hold (:data:`DEPTH` levels). Each object once, in the order found."""
     frame = frame if frame is not None else sys._getframe(1)
     found: dict[int, Any] = {}
     seen: set[int] = set()
@@ -47,7 +48,7 @@ def held_objects(frame: FrameType | None = None, *, max_frames: int = MAX_FRAMES
         if frame is None:
             break
         for value in _frame_values(frame):
-            _collect(value, found, seen, depth=1)
+            _collect(value, found, seen, depth=DEPTH)
         frame = frame.f_back
     return list(found.values())
 

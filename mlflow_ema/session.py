@@ -180,8 +180,9 @@ class Session:
         if model is None:
             self.warn_once(
                 f"resolve-{id(optimizer)}",
-                f"cannot tell which model {type(optimizer).__name__} trains (no single module owns "
-                "all its parameters); call mlflow_ema.watch(model, optimizer)",
+                f"cannot tell which model {type(optimizer).__name__} trains (none of the modules the code "
+                "stepping it holds owns all its parameters, or several unrelated ones do); call "
+                "mlflow_ema.watch(model, optimizer)",
             )
             return None
         for w in self.watched:

@@ -5,7 +5,7 @@ modules it names (``ARCHITECTURE.md`` maps them).
 How autolog finds the model. Torch optimizers do not know their module, so at an
 optimizer's first ``step()`` (a global step *pre*-hook, so the EMA and its init
 fingerprint see the weights before the first update) autolog looks among the modules the
-calling code holds (the stack's local variables, one level deep) for the outermost one
+calling code holds (the stack's local variables, two levels deep) for the outermost one
 that owns the parameters the optimizer updates (:mod:`mlflow_ema.discovery`). When there is none, or more than one, it warns once and
 leaves that optimizer alone: call ``mlflow_ema.watch(model, optimizer)``, which is also
 the explicit, no-magic way.

@@ -138,3 +138,53 @@ def test_one_module_holding_several_optimizers_parameters_is_warned_about(tracki
     warning = r"one module, GAN, holds the parameters of several optimizers \(Adam, Adam\)"
     with pytest.warns(UserWarning, match=warning), mlflow.start_run():
         train_gan(gan.generator, gan.discriminator, opt_g, opt_d, digits, 2)
+
+
+class Trainer:
+    """A user's trainer class: the models only in a dict attribute, the loop in a method."""
+
+    def __init__(self, digits):
+        torch.manual_seed(0)
+        self.models = {"G": Generator(), "D": Discriminator()}
+        self.optimizers = {k: torch.optim.Adam(m.parameters(), 2e-4) for k, m in self.models.items()}
+        self.digits = digits
+
+    def fit(self, steps: int) -> None:
+        train_gan(
+            self.models["G"], self.models["D"], self.optimizers["G"], self.optimizers["D"], self.digits, steps
+        )
+
+
+def test_models_held_only_by_a_trainer_object_are_found(tracking, digits):
+    trainer = Trainer(digits)
+    mlflow_ema.autolog()
+    with mlflow.start_run() as run:
+        trainer.fit(3)
+    names = sorted(m.name for m in logged_models(run.info.run_id))
+    assert names == sorted(f"{w}-{k}-step3" for w in ("generator", "discriminator") for k in ("raw", "ema"))
+
+
+_HIDDEN = {}
+
+
+def _step_hidden() -> None:
+    """The model lives in a module-level dict nothing on the stack holds."""
+    _HIDDEN["model"](torch.randn(4, 64)).sum().backward()
+    _HIDDEN["opt"].step()
+
+
+def test_a_model_the_stack_does_not_hold_is_not_guessed_and_watch_is_suggested(tracking):
+    _HIDDEN["model"] = nn.Linear(64, 10)
+    _HIDDEN["opt"] = torch.optim.SGD(_HIDDEN["model"].parameters(), 0.1)
+    mlflow_ema.autolog()
+    try:
+        with (
+            pytest.warns(
+                UserWarning,
+                match=r"cannot tell which model SGD trains.*mlflow_ema\.watch\(model, optimizer\)",
+            ),
+            mlflow.start_run(),
+        ):
+            _step_hidden()
+    finally:
+        _HIDDEN.clear()
