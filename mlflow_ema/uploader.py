@@ -78,6 +78,38 @@ class UploadJob:
     mode: str = "max"
 
 
+class RunRecords:
+    """What the upload thread records once per run beside checkpoints: the run tags of each
+    model, and its architecture folder (:mod:`mlflow_ema.programs`)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._tagged: set[tuple[str, str, str]] = set()  # (run_id, key, value) set already
+        self._architectures: set[tuple[str, str]] = set()  # (run_id, artifact path) uploaded
+
+    def tag(self, client: Any, job: UploadJob, retry: RetryPolicy) -> None:
+        """The run tags of the job's model not set yet (several models share a run)."""
+        new = {k: v for k, v in job.run_tags.items() if (job.run_id, k, v) not in self._tagged}
+        try:
+            if new:
+                retry.call("set_tags", lambda: [client.set_tag(job.run_id, k, v) for k, v in new.items()])
+                self._tagged |= {(job.run_id, k, v) for k, v in new.items()}
+        except Exception as e:
+            _logger.warning("mlflow-ema: could not tag run %s: %s", job.run_id, e)
+
+    def upload_architecture(self, client: Any, job: UploadJob, retry: RetryPolicy) -> None:
+        """The model's architecture folder, once per run."""
+        if job.architecture is None or (job.run_id, job.architecture[0]) in self._architectures:
+            return
+        path, folder = job.architecture
+        try:
+            retry.call("log_artifacts", lambda: client.log_artifacts(job.run_id, str(folder), path))
+            self._architectures.add((job.run_id, path))
+        except Exception as e:
+            self.ledger.record_failure(job.run_id, f"{path}: {type(e).__name__}: {e}")
+            _logger.warning("mlflow-ema: could not upload the model's architecture to %s: %s", path, e)
+
+
 @dataclasses.dataclass
 class RetryPolicy:
     attempts: int = 3
@@ -112,8 +144,7 @@ class Uploader:
         self._closed = False
         self._clients: dict[str, Any] = {}
         self._experiments: dict[str, str] = {}
-        self._tagged: set[tuple[str, str, str]] = set()  # (run_id, key, value) set already
-        self._architectures: set[tuple[str, str]] = set()  # (run_id, artifact path) uploaded
+        self._runs = RunRecords(ledger)
         self._warned_waits: set[str] = set()  # runs whose training was told it waits for uploads
 
     # -- called from the training side ------------------------------------------------
@@ -127,20 +158,12 @@ class Uploader:
                 waited = time.monotonic() - started
                 if waited >= SLOW_WAIT and job.run_id not in self._warned_waits:
                     self._warned_waits.add(job.run_id)
-                    warnings.warn(self._wait_message(job, waited), stacklevel=4)
+                    warnings.warn(_wait_message(job, waited, len(self._jobs), self.max_queue), stacklevel=4)
                 self._cond.wait(
                     timeout=None if job.run_id in self._warned_waits else SLOW_WAIT - waited + 0.01
                 )
             self._jobs.append(job)
             self._wake()
-
-    def _wait_message(self, job: UploadJob, waited: float) -> str:
-        return (
-            f"mlflow-ema: training has waited {waited:.0f} s for an upload slot: {len(self._jobs)} checkpoint(s) "
-            f"are queued (max_queue={self.max_queue}) and the upload in progress is slow, so the tracking server "
-            f"({job.tracking_uri}) is slow or unreachable. Training goes on as uploads finish; a larger "
-            "max_queue waits less (more memory)"
-        )
 
     def request_sync(self, job: UploadJob) -> None:
         """Link newly logged metrics and prune for this run, soon, off the training thread."""
@@ -219,8 +242,8 @@ class Uploader:
 
     def _upload(self, job: UploadJob) -> None:
         client = self._client(job.tracking_uri)
-        self._tag_run(client, job)
-        self._upload_architecture(client, job)
+        self._runs.tag(client, job, self.retry)
+        self._runs.upload_architecture(client, job, self.retry)
         with tempfile.TemporaryDirectory(prefix="mlflow-ema-") as tmp:
             for part in job.parts:
                 folder = Path(tmp) / part.record.name
@@ -248,29 +271,6 @@ class Uploader:
                     self._log_model(client, job, part.record, folder, manifest, part.tags)
                 except Exception as e:
                     self._keep_unsent(job, part.record, folder, e)
-
-    def _tag_run(self, client, job: UploadJob) -> None:
-        """The run tags of the job's model not set yet (several models share a run)."""
-        new = {k: v for k, v in job.run_tags.items() if (job.run_id, k, v) not in self._tagged}
-        if not new:
-            return
-        try:
-            self.retry.call("set_tags", lambda: [client.set_tag(job.run_id, k, v) for k, v in new.items()])
-            self._tagged |= {(job.run_id, k, v) for k, v in new.items()}
-        except Exception as e:
-            _logger.warning("mlflow-ema: could not tag run %s: %s", job.run_id, e)
-
-    def _upload_architecture(self, client, job: UploadJob) -> None:
-        """The model's architecture folder (:mod:`mlflow_ema.programs`), once per run."""
-        if job.architecture is None or (job.run_id, job.architecture[0]) in self._architectures:
-            return
-        path, folder = job.architecture
-        try:
-            self.retry.call("log_artifacts", lambda: client.log_artifacts(job.run_id, str(folder), path))
-            self._architectures.add((job.run_id, path))
-        except Exception as e:
-            self.ledger.record_failure(job.run_id, f"{path}: {type(e).__name__}: {e}")
-            _logger.warning("mlflow-ema: could not upload the model's architecture to %s: %s", path, e)
 
     def _log_model(
         self, client, job: UploadJob, record: CheckpointRecord, folder: Path, manifest, tags
@@ -346,6 +346,14 @@ class Uploader:
         message = f"{record.name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} (kept at {destination})"
         self.ledger.record_failure(job.run_id, message)
         _logger.warning("mlflow-ema: could not upload checkpoint %s", message)
+
+
+def _wait_message(job: UploadJob, waited: float, queued: int, max_queue: int) -> str:
+    return (
+        f"mlflow-ema: training has waited {waited:.0f} s for an upload slot: {queued} checkpoint(s) are queued "
+        f"(max_queue={max_queue}) and the upload in progress is slow, so the tracking server ({job.tracking_uri}) "
+        "is slow or unreachable. Training goes on as uploads finish; a larger max_queue waits less (more memory)"
+    )
 
 
 def checkpoint_tags(record: CheckpointRecord, manifest: Any, extra: dict[str, str]) -> dict[str, str]:
