@@ -105,6 +105,10 @@ class AverageOptions:
         help="Metric linked to the checkpoints to rank by.",
     )  # fmt: skip
     mode: str = option("max", "--mode", choices=("max", "min"), selection=True, param="mode")
+    model_name: str | None = option(
+        None, "--model", metavar="NAME", selection=True, param="model",
+        help="Which model, in runs that train several (a GAN's generator): its checkpoints' mlflow_ema.model_name.",
+    )  # fmt: skip
     kind: str = option(
         "ema", "--kind", choices=("ema", "raw"), selection=True, param="kind",
         help="Which checkpoints: the EMA or the raw weights.",

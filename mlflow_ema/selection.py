@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlflow_ema.errors import SelectionError
-from mlflow_ema.tags import TAG_ALL_FINITE, TAG_INIT_FINGERPRINT, TAG_KIND, TAG_STEP
+from mlflow_ema.tags import TAG_ALL_FINITE, TAG_INIT_FINGERPRINT, TAG_KIND, TAG_MODEL_NAME, TAG_STEP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Candidate:
     artifact_location: str
     init_fingerprint: str | None
     all_finite: bool
+    model_name: str | None = None  # its model's name in the run (mlflow_ema.model_name; None before 0.4)
 
     @property
     def label(self) -> str:
@@ -127,6 +128,7 @@ def _candidate(model: Any, metric: str, run_names: dict[str, str]) -> Candidate:
         artifact_location=model.artifact_location,
         init_fingerprint=model.tags.get(TAG_INIT_FINGERPRINT),
         all_finite=model.tags.get(TAG_ALL_FINITE, "true") == "true",
+        model_name=model.tags.get(TAG_MODEL_NAME),
     )
 
 
@@ -150,6 +152,7 @@ def select(
     filter_string: str | None = None,
     statuses: Sequence[str] = ("FINISHED",),
     run_id: str | None = None,
+    model_name: str | None = None,
     client: Any = None,
 ) -> Selection:
     """The checkpoints to average, best first. See the module docstring."""
@@ -168,6 +171,7 @@ def select(
             top_k=top_k,
             min_k=min_k,
             statuses=statuses,
+            model_name=model_name,
         )
     found = _experiments(client, tuple(experiments) or default_experiments())
     experiment_ids, experiments = [e.experiment_id for e in found], [e.name for e in found]
@@ -177,6 +181,7 @@ def select(
     by_run: dict[str, list[Candidate]] = {}
     for model in _checkpoints(client, experiment_ids, kind, set(run_names)):
         by_run.setdefault(model.source_run_id, []).append(_candidate(model, metric, run_names))
+    by_run = _of_one_model(by_run, model_name, run_names)
     notes = []
     if len(by_run) < len(runs):
         notes.append(f"{len(runs) - len(by_run)} of {len(runs)} runs have no READY {kind} checkpoint")
@@ -248,6 +253,7 @@ def _select_in_run(
     top_k: int,
     min_k: int | None,
     statuses: Sequence[str],
+    model_name: str | None,
 ) -> Selection:
     try:
         run = client.get_run(run_id)
@@ -268,6 +274,7 @@ def _select_in_run(
     candidates = [
         _candidate(m, metric, names) for m in _checkpoints(client, [run.info.experiment_id], kind, {run_id})
     ]
+    candidates = _of_one_model({run_id: candidates}, model_name, names).get(run_id, [])
     if not candidates:
         raise SelectionError(f"run {run_id} has no READY {kind} checkpoint")
     notes: list[str] = []
@@ -279,6 +286,30 @@ def _select_in_run(
             raise SelectionError(f"no {kind} checkpoint of run {run_id} has metric {metric!r}")
         ranked = _rank(scored, mode)[:top_k]
     return Selection(_enough(ranked, top_k, min_k, "checkpoints", notes), notes)
+
+
+def _of_one_model(
+    by_run: dict[str, list[Candidate]], model_name: str | None, run_names: dict[str, str]
+) -> dict[str, list[Candidate]]:
+    """Each run's checkpoints of one model: ``model_name``'s, or all when each run trains
+    one model. A run that trains several needs ``--model``: the error lists their names."""
+    if model_name is not None:
+        chosen = {r: [c for c in cs if c.model_name == model_name] for r, cs in by_run.items()}
+        chosen = {r: cs for r, cs in chosen.items() if cs}
+        if not chosen:
+            known = sorted({c.model_name for cs in by_run.values() for c in cs if c.model_name})
+            raise SelectionError(
+                f"no checkpoint of a model named {model_name!r} (models: {', '.join(known) or 'none'})"
+            )
+        return chosen
+    for run_id, candidates in by_run.items():
+        names = sorted({c.model_name or "" for c in candidates})
+        if len(names) > 1:
+            raise SelectionError(
+                f"run {run_names.get(run_id) or run_id} ({run_id[:8]}) trains several models ({', '.join(names)}): "
+                "choose one with --model NAME"
+            )
+    return by_run
 
 
 def _enough(

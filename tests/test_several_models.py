@@ -4,6 +4,7 @@ get distinct names; one module holding several optimizers' parameters is warned 
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import mlflow
@@ -188,3 +189,46 @@ def test_a_model_the_stack_does_not_hold_is_not_guessed_and_watch_is_suggested(t
             _step_hidden()
     finally:
         _HIDDEN.clear()
+
+
+def test_the_averaged_generator_of_a_gan_sweep_is_registered(tracking, digits):
+    from helpers import run_cli
+
+    mlflow.set_experiment("gan")
+    torch.manual_seed(0)
+    init_g, init_d = Generator().state_dict(), Discriminator().state_dict()  # one base for the sweep
+    mlflow_ema.autolog()
+    for lr in (1e-3, 2e-3):
+        G, D = Generator(), Discriminator()
+        G.load_state_dict(init_g)
+        D.load_state_dict(init_d)
+        opt_g, opt_d = torch.optim.Adam(G.parameters(), lr), torch.optim.Adam(D.parameters(), lr)
+        with mlflow.start_run():
+            train_gan(G, D, opt_g, opt_d, digits, 4)
+            mlflow.log_metric("ema/score", lr)
+    average = (
+        "average",
+        "-e",
+        "gan",
+        "--metric",
+        "ema/score",
+        "--top-k",
+        "2",
+        "--register-as",
+        "generator-soup",
+    )
+    line = [x for x in run_cli(*average, code=1).splitlines() if x.strip()]
+    assert (
+        len(line) == 1
+        and "trains several models (discriminator, generator): choose one with --model NAME" in line[0]
+    )
+    listed = run_cli("ls", "-e", "gan", "--metric", "ema/score", "--model", "generator")
+    assert listed.count("generator-ema-step4") == 2
+    out = json.loads(run_cli(*average, "--model", "generator", "--json"))
+    assert [m["name"] for m in out["members"]] == ["generator-ema-step4"] * 2
+    generator = mlflow.pytorch.load_model("models:/generator-soup/1")
+    soup = mlflow_ema.load_state_dict("models:/generator-soup/1")
+    z = torch.randn(5, 16)
+    reference = Generator()
+    reference.load_state_dict(soup)
+    torch.testing.assert_close(generator(z), reference(z))
