@@ -8,12 +8,24 @@ checkpoints to MLflow (install the ``lightning`` extra).
 What it does, and where things go:
 
 - after every optimizer step (``trainer.global_step`` advanced), ``ema.update()``;
-- validation runs with the EMA weights swapped in (``validate_with_ema=True``); the
-  raw weights are back when validation ends. Lightning's ``callback_metrics`` (what
-  ``ModelCheckpoint`` and ``EarlyStopping`` monitor) keep their names; what reaches
-  MLflow from the validation loop is prefixed ``ema/`` (``val_acc`` -> ``ema/val_acc``).
-  ``mlflow.pytorch.autolog()`` logs ``callback_metrics`` at epoch end, outside
-  validation: the names validation produced get the ``ema/`` prefix there too;
+- validation runs twice (``validate_raw=True``, the default): Lightning's own pass with
+  the raw weights logs ``val_acc``, then the callback runs the validation loop again
+  with the EMA weights swapped in, and what it logs reaches MLflow as ``ema/val_acc``.
+  During that second pass the other callbacks are hidden (``ModelCheckpoint`` never saves
+  EMA weights as the model's, ``EarlyStopping`` counts one validation per epoch); after
+  it ``callback_metrics`` hold both ``val_acc`` (raw) and ``ema/val_acc`` (EMA), so
+  monitors may watch either (the callback moves itself first in the Trainer's list so
+  that the ``ema/`` values are there before the others' ``on_validation_end``). The raw
+  weights are back when validation ends, also when it fails;
+- ``validate_raw=False``: one pass, with the EMA weights (half the cost). Lightning's
+  ``callback_metrics`` keep their names (``val_acc``, the EMA's value); what reaches
+  MLflow is prefixed ``ema/``, also when ``mlflow.pytorch.autolog()`` logs
+  ``callback_metrics`` at epoch end;
+- with no ``MLFlowLogger`` and no ``mlflow.pytorch.autolog()`` (e.g. ``mlflow_ema.autolog()``
+  with ``logger=False`` inside ``mlflow.start_run()``), the callback itself logs what the
+  LightningModule logged to the active run: validation metrics after each pass,
+  ``callback_metrics`` of training at each epoch end (step ``trainer.global_step``); so
+  the checkpoints still get their metrics;
 - raw and EMA checkpoints become MLflow LoggedModels of the run: the MLFlowLogger's
   run, else the active run (e.g. the one ``mlflow.pytorch.autolog()`` starts), every
   ``checkpoint_every_n_epochs`` after validation and at the end of ``fit``; all are
@@ -33,12 +45,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import time
 from typing import Any
 
 import lightning.pytorch as pl
 
 from mlflow_ema.checkpointing import active_run
 from mlflow_ema.ema import EMA
+from mlflow_ema.ledger import EMA_PREFIX
 from mlflow_ema.options import EMAOptions, signature_of
 from mlflow_ema.safety import BOUNDARY, LIGHTNING, LIGHTNING_ENTRY
 from mlflow_ema.session import SESSION
@@ -67,7 +81,10 @@ class EMACallback(pl.Callback):
         decay, update_every, start_step, ema_dtype, ema_device: the EMA's options
             (:class:`mlflow_ema.options.EMAOptions`, as for :class:`mlflow_ema.EMA`; ``decay``
             defaults to autolog's, else ``WarmupDecay(0.9999, power=3/4)``).
-        validate_with_ema: run validation with the EMA weights.
+        validate_with_ema: validate the EMA weights (metrics logged as ``ema/<name>``).
+        validate_raw: validate the raw weights too (Lightning's pass, plain names), then the
+            EMA ones in a second pass: both raw and EMA checkpoints get metrics to rank by.
+            False: only the EMA pass (half the validation time; raw checkpoints get none).
         checkpoint_every_n_epochs: checkpoint after every N-th validation (None: only at the end).
         checkpoint_at_end: checkpoint when ``fit`` ends.
 
@@ -80,6 +97,7 @@ class EMACallback(pl.Callback):
         self,
         *,
         validate_with_ema: bool = True,
+        validate_raw: bool = True,
         checkpoint_every_n_epochs: int | None = None,
         checkpoint_at_end: bool = True,
         **ema_options: Any,
@@ -88,6 +106,7 @@ class EMACallback(pl.Callback):
             ema_options["decay"] = SESSION.config.decay
         self.ema_options = EMAOptions(**ema_options)
         self.validate_with_ema = validate_with_ema
+        self.validate_raw = validate_raw
         self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
         self.checkpoint_at_end = checkpoint_at_end
         self.ema: EMA | None = None
@@ -97,6 +116,10 @@ class EMACallback(pl.Callback):
         self._last_global_step = 0
         self._swap: contextlib.ExitStack | None = None
         self._restored: dict[str, Any] | None = None
+        self._in_ema_pass = False  # the callback's own validation pass with the EMA weights
+        self._ema_names: set[str] = set()  # what that pass logged
+        self._val_names: set[str] = set()  # what validation logged (what training did: the rest)
+        self._mirror = False  # no MLFlowLogger, no mlflow.pytorch.autolog: log metrics ourselves
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -120,10 +143,13 @@ class EMACallback(pl.Callback):
             self.ema = self.ema_options.build(pl_module)
             self._ema_of = pl_module
         self._last_global_step = trainer.global_step  # a new Trainer counts from 0 again
+        self._val_names = set()
         if self._restored is not None:
             self.ema.load_state_dict(self._restored["ema"])
             self._last_global_step = self._restored["last_step"]
             self._restored = None
+        if self._two_passes:  # first, so that ema/ metrics exist before others' on_validation_end
+            trainer.callbacks = [self, *(cb for cb in trainer.callbacks if cb is not self)]
         SESSION.install_run_hooks()
         self._watched = SESSION.add(pl_module, [], driver="lightning", ema=self.ema)
         self._watched.run_tags[RUN_TAG_MODEL_HPARAMS] = json.dumps(_jsonable(dict(pl_module.hparams)))
@@ -132,6 +158,7 @@ class EMACallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watched is None:
             return
+        self._mirror = not _logs_to_mlflow(trainer)
         # autolog's optimizer hooks need not search for the model (this callback steps the EMA)
         SESSION.bind_optimizers(self._watched, trainer.optimizers,
                                 [config.scheduler for config in trainer.lr_scheduler_configs])  # fmt: skip
@@ -168,20 +195,66 @@ class EMACallback(pl.Callback):
         self.ema.update()
         SESSION.count_step(self._watched, _run_of(trainer))
 
+    @property
+    def _two_passes(self) -> bool:
+        return self.validate_with_ema and self.validate_raw
+
     @_hook
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watched is None or not self.validate_with_ema or trainer.sanity_checking:
             return
+        if self._two_passes and not self._in_ema_pass:
+            return  # Lightning's pass: the raw weights
         self._swap = contextlib.ExitStack()
         self._swap.enter_context(self.ema.swap())
         self._swap.enter_context(SESSION.routing.ema_weights_in())
 
-    @_hook
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._swap is not None:
-            # Whoever logs these later (mlflow.pytorch.autolog, at epoch end) logs EMA values.
-            SESSION.routing.remember_ema_keys(_validation_metric_names(trainer))
+        if self._in_ema_pass:
+            self._end_pass(trainer, ema=True)
+            return
+        self._end_pass(trainer, ema=self._swap is not None)
+        if self._wants_ema_pass(trainer):
+            self._run_ema_pass(trainer)  # not behind the boundary: the user's errors propagate
+        self._after_validation(trainer)
+
+    @_hook
+    def _end_pass(self, trainer: pl.Trainer, *, ema: bool) -> None:
         self._unswap()
+        if self._watched is None or trainer.sanity_checking:
+            return
+        names = _validation_metric_names(trainer)
+        if ema and not self._in_ema_pass:
+            # Whoever logs these later (mlflow.pytorch.autolog, at epoch end) logs EMA values.
+            SESSION.routing.remember_ema_keys(names)
+        self._ema_names = names if ema else set()
+        self._val_names |= names
+        self._log_metrics(trainer, names, prefix=EMA_PREFIX if ema else "")
+
+    @BOUNDARY.guarded(LIGHTNING, default=bool)
+    def _wants_ema_pass(self, trainer: pl.Trainer) -> bool:
+        return self._watched is not None and self._two_passes and not trainer.sanity_checking
+
+    def _run_ema_pass(self, trainer: pl.Trainer) -> None:
+        """Lightning's validation loop again, with the EMA weights and no other callback;
+        then ``callback_metrics`` hold the raw values again and the EMA ones as ``ema/``."""
+        loop, metrics = trainer.fit_loop.epoch_loop.val_loop, trainer.callback_metrics
+        raw, callbacks, mode = dict(metrics), trainer.callbacks, loop._module_mode
+        trainer.callbacks, loop._module_mode = [self], type(mode)()  # the outer pass restores `mode`
+        self._in_ema_pass = True
+        try:
+            loop.run()
+        finally:
+            trainer.callbacks, loop._module_mode, self._in_ema_pass = callbacks, mode, False
+            self._unswap()
+        for name in self._ema_names:
+            if name in metrics:
+                metrics[EMA_PREFIX + name] = metrics[name]
+            if name in raw:
+                metrics[name] = raw[name]
+
+    @_hook
+    def _after_validation(self, trainer: pl.Trainer) -> None:
         n = self.checkpoint_every_n_epochs
         if (
             self._watched is not None
@@ -190,6 +263,26 @@ class EMACallback(pl.Callback):
             and (trainer.current_epoch + 1) % n == 0
         ):
             self._checkpoint(trainer, epoch=trainer.current_epoch + 1)
+
+    @_hook
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._watched is not None and self._mirror:  # what training logged (validation's is logged)
+            names = {k for k in trainer.callback_metrics if not k.startswith(EMA_PREFIX)}
+            self._log_metrics(trainer, names - self._val_names, prefix="")
+
+    def _log_metrics(self, trainer: pl.Trainer, names: set[str], *, prefix: str) -> None:
+        """Without a logger to MLflow, ``names`` of ``callback_metrics`` go to the active run."""
+        run = _run_of(trainer) if self._mirror else None
+        metrics = trainer.callback_metrics
+        values = {prefix + k: float(metrics[k]) for k in sorted(names) if k in metrics}
+        if run is None or not values or not trainer.is_global_zero:
+            return
+        import mlflow
+
+        stamp, step = int(time.time() * 1000), trainer.global_step
+        mlflow.MlflowClient(run[1]).log_batch(
+            run[0], [mlflow.entities.Metric(k, v, stamp, step) for k, v in values.items()]
+        )
 
     @_hook
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,6 +344,16 @@ def _validation_metric_names(trainer: pl.Trainer) -> set[str]:
         return {result.meta.name for result in trainer._evaluation_loop._results.values()}
     except (AttributeError, RuntimeError):
         return set()
+
+
+def _logs_to_mlflow(trainer: pl.Trainer) -> bool:
+    """Does something else log the LightningModule's metrics to MLflow: an MLFlowLogger,
+    or ``mlflow.pytorch.autolog()``'s callback?"""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers) or any(
+        type(cb).__name__.endswith("MlflowPLCallback") for cb in trainer.callbacks
+    )
 
 
 def _run_of(trainer: pl.Trainer) -> tuple[str, str] | None:

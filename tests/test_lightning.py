@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -29,19 +30,21 @@ TRAIN_BATCHES = 15  # 1437 training digits in batches of 96
 class DigitsNet(pl.LightningModule):
     """An MLP with BatchNorm (float and integer buffers) that records what validation sees."""
 
-    def __init__(self, hidden: int = 32, lr: float = 0.01, fail_in_epoch: int | None = None):
+    def __init__(self, hidden: int = 32, lr: float = 0.01, fail_at_validation: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10)
         )
-        self.validated_with: list[dict[str, torch.Tensor]] = []  # weights at each validation
+        self.validated_with: list[dict[str, torch.Tensor]] = []  # weights at each validation pass
+        self.trained_in_eval_mode = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        self.trained_in_eval_mode |= not all(m.training for m in self.modules())
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss)
         return loss
@@ -51,7 +54,7 @@ class DigitsNet(pl.LightningModule):
             return
         if batch_idx == 0:
             self.validated_with.append(clone(self.state_dict()))
-        if self.hparams.fail_in_epoch == self.current_epoch:
+        if self.hparams.fail_at_validation == len(self.validated_with):
             raise RuntimeError("validation failed on purpose")
         x, y = batch
         self.log("val_acc", (self(x).argmax(dim=1) == y).float().mean())
@@ -68,6 +71,7 @@ class Recorder(pl.Callback):
         self.raw: dict[str, torch.Tensor] = {}  # the weights after the last training batch
         self.epoch_end_steps: list[int] = []
         self.ema_at_validation: list[dict[str, torch.Tensor]] = []
+        self.validation_ends = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.optimizer_steps += 1
@@ -81,6 +85,10 @@ class Recorder(pl.Callback):
     def on_validation_epoch_start(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self.ema_at_validation.append(clone(ema_callback(trainer).ema.model_state_dict()))
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validation_ends += 1
 
 
 def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,7 +174,7 @@ def accuracy(state: dict[str, torch.Tensor], loader: DataLoader) -> float:
 # -- 1. checkpoints, metrics and run tags in MLflow ------------------------------------------------
 
 
-def test_raw_and_ema_checkpoints_per_epoch_with_linked_ema_metrics(tracking, loaders, tmp_path):
+def test_raw_and_ema_checkpoints_per_epoch_with_linked_raw_and_ema_metrics(tracking, loaders, tmp_path):
     callback, recorder = EMACallback(checkpoint_every_n_epochs=1), Recorder()
     logger = mlflow_logger(tracking)
     model = make_model()
@@ -188,24 +196,25 @@ def test_raw_and_ema_checkpoints_per_epoch_with_linked_ema_metrics(tracking, loa
     assert all(str(m.status) == "READY" and m.source_run_id == logger.run_id for m in models)
 
     run = mlflow.get_run(logger.run_id)
-    assert "ema/val_acc" in run.data.metrics and "train_loss" in run.data.metrics
-    assert not [key for key in run.data.metrics if key.startswith("val")], run.data.metrics
-    history = mlflow.MlflowClient().get_metric_history(logger.run_id, "ema/val_acc")
-    assert len(history) == 2
-    # Each EMA checkpoint carries the validation accuracy computed on its weights; raw ones none.
-    for model_, logged in zip(
-        [m for m in models if m.tags["mlflow_ema.kind"] == "ema"], history, strict=True
-    ):
-        assert {(m.key, m.value) for m in model_.metrics} == {("ema/val_acc", logged.value)}
-    for model_ in models:
-        if model_.tags["mlflow_ema.kind"] == "raw":
-            assert not [m.key for m in model_.metrics or [] if m.key.startswith("ema/")]
+    assert {"val_acc", "ema/val_acc", "train_loss"} <= set(run.data.metrics)
+    client = mlflow.MlflowClient()
+    # Each epoch: val_acc of the raw weights, ema/val_acc of the EMA ones; each checkpoint
+    # carries the accuracy computed on its own weights.
+    for kind, key in (("raw", "val_acc"), ("ema", "ema/val_acc")):
+        history = client.get_metric_history(logger.run_id, key)
+        assert [m.step for m in history] == [14, 29]  # Lightning's step: batches stepped - 1
+        for model_, logged in zip(
+            [m for m in models if m.tags["mlflow_ema.kind"] == kind], history, strict=True
+        ):
+            linked = {m.key: m.value for m in model_.metrics or []}
+            assert linked[key] == logged.value
+            assert not [k for k in linked if k.startswith("ema/") != (kind == "ema")], linked
 
     assert run.data.tags[RUN_TAG_MODEL_CLASS] == f"{DigitsNet.__module__}:DigitsNet"
     assert json.loads(run.data.tags[RUN_TAG_MODEL_HPARAMS]) == {
         "hidden": 32,
         "lr": 0.01,
-        "fail_in_epoch": None,
+        "fail_at_validation": None,
     }
 
     # The last checkpoints hold what the callback and the module hold at the end of fit.
@@ -217,30 +226,70 @@ def test_raw_and_ema_checkpoints_per_epoch_with_linked_ema_metrics(tracking, loa
     assert ema_manifest.ema_updates == callback.ema.num_updates == 30
 
 
-# -- 2. validation sees the EMA weights, training keeps the raw ones -------------------------------
+# -- 2. validation: the raw weights, then the EMA ones; training keeps the raw ones ----------------
 
 
-def test_validation_runs_with_ema_weights_and_fit_ends_with_raw_ones(tracking, loaders):
+def test_validation_runs_raw_then_ema_and_fit_ends_with_raw_weights(tracking, loaders, tmp_path):
     callback, recorder = EMACallback(), Recorder()
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="ema/val_acc", mode="max", save_top_k=1)
     logger = mlflow_logger(tracking)
     model = make_model()
-    trainer = make_trainer(callbacks=[callback, recorder], logger=logger, max_epochs=3)
+    trainer = make_trainer(
+        callbacks=[recorder, best, callback], logger=logger, max_epochs=3, enable_checkpointing=True
+    )
     trainer.fit(model, *loaders)
 
-    assert len(model.validated_with) == len(recorder.ema_at_validation) == 3
+    # Two passes per epoch; the other callbacks see one validation (the raw one).
+    assert len(model.validated_with) == 6 and recorder.validation_ends == 3
+    raw_seen, ema_seen = model.validated_with[0::2], model.validated_with[1::2]
+    for seen, ema in zip(ema_seen, recorder.ema_at_validation, strict=True):
+        assert same(seen, ema)
+    assert same(raw_seen[-1], recorder.raw) and not same(ema_seen[-1], recorder.raw)
+    assert same(model.state_dict(), recorder.raw)  # the raw weights are back after fit
+    assert not model.trained_in_eval_mode  # the second pass left train mode as it was
+
+    # The logged accuracies, recomputed here by hand.
+    client = mlflow.MlflowClient()
+    raw_history = client.get_metric_history(logger.run_id, "val_acc")
+    ema_history = client.get_metric_history(logger.run_id, "ema/val_acc")
+    assert [m.value for m in raw_history] == pytest.approx(
+        [accuracy(state, loaders[1]) for state in raw_seen], abs=1e-6
+    )
+    assert [m.value for m in ema_history] == pytest.approx(
+        [accuracy(state, loaders[1]) for state in ema_seen], abs=1e-6
+    )
+    # Lightning's callback_metrics hold both, under MLflow's names; a monitor may watch either.
+    assert trainer.callback_metrics["val_acc"].item() == pytest.approx(raw_history[-1].value, abs=1e-6)
+    assert trainer.callback_metrics["ema/val_acc"].item() == pytest.approx(ema_history[-1].value, abs=1e-6)
+    assert best.best_model_score.item() == pytest.approx(max(m.value for m in ema_history), abs=1e-6)
+    # ModelCheckpoint saved the raw weights (never the EMA ones swapped in)
+    saved = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any(same(saved, ema) for ema in ema_seen)
+
+
+def test_validate_raw_false_runs_the_ema_pass_only(tracking, loaders):
+    callback, recorder = EMACallback(validate_raw=False, checkpoint_every_n_epochs=1), Recorder()
+    logger = mlflow_logger(tracking)
+    model = make_model()
+    trainer = make_trainer(callbacks=[callback, recorder], logger=logger)
+    trainer.fit(model, *loaders)
+
+    assert len(model.validated_with) == len(recorder.ema_at_validation) == recorder.validation_ends == 2
     for seen, ema in zip(model.validated_with, recorder.ema_at_validation, strict=True):
         assert same(seen, ema)
-    # The EMA trails the raw weights, and the raw ones are back after fit.
-    assert not same(model.validated_with[-1], recorder.raw)
-    assert same(model.state_dict(), recorder.raw)
-
-    # The logged accuracy is that of the EMA weights, recomputed here by hand; Lightning's
-    # own callback_metrics (what ModelCheckpoint monitors) keep the plain name.
+    run = mlflow.get_run(logger.run_id)
+    assert "ema/val_acc" in run.data.metrics
+    assert not [key for key in run.data.metrics if key.startswith("val")], run.data.metrics
     history = mlflow.MlflowClient().get_metric_history(logger.run_id, "ema/val_acc")
     assert [m.value for m in history] == pytest.approx(
         [accuracy(state, loaders[1]) for state in recorder.ema_at_validation], abs=1e-6
     )
+    # Lightning's callback_metrics keep the plain name (the EMA's value); raw checkpoints rank by nothing
     assert trainer.callback_metrics["val_acc"].item() == pytest.approx(history[-1].value, abs=1e-6)
+    for model_ in logged_models(logger.run_id):
+        keys = {m.key for m in model_.metrics or []}
+        assert ("ema/val_acc" in keys) == (model_.tags["mlflow_ema.kind"] == "ema")
+        assert "val_acc" not in keys
 
 
 # -- 3. one EMA update per optimizer step ----------------------------------------------------------
@@ -371,9 +420,9 @@ def test_alongside_mlflow_pytorch_autolog_without_a_logger(tracking, loaders):
         ("raw", "30", "2"),
     ]
     assert all(str(m.status) == "READY" for m in models)
-    # mlflow.pytorch.autolog logs callback_metrics after validation: the EMA's accuracy,
-    # under the ema/ prefix.
-    assert "val_acc" not in run.data.metrics
+    # mlflow.pytorch.autolog logs callback_metrics after validation: the raw accuracy as
+    # val_acc, the EMA's under the ema/ prefix.
+    assert run.data.metrics["val_acc"] == pytest.approx(accuracy(model.state_dict(), loaders[1]), abs=1e-6)
     assert run.data.metrics["ema/val_acc"] == pytest.approx(
         accuracy(callback.ema.model_state_dict(), loaders[1]), abs=1e-6
     )
@@ -396,10 +445,31 @@ def test_mlflow_pytorch_autolog_val_metrics_link_to_the_ema_checkpoint(tracking,
         mlflow.pytorch.autolog(disable=True)
     run = mlflow.last_active_run()
     ema_model, raw_model = logged_models(run.info.run_id)
-    # mlflow.pytorch.autolog logs callback_metrics at epoch end: the EMA's val_acc as ema/val_acc.
-    assert "val_acc" not in run.data.metrics and "ema/val_acc" in run.data.metrics
-    assert not {m.key for m in raw_model.metrics or []} & {"val_acc", "ema/val_acc"}
-    assert "ema/val_acc" in {m.key for m in ema_model.metrics or []}
+    # mlflow.pytorch.autolog logs callback_metrics at epoch end: val_acc and ema/val_acc, each
+    # linked to the checkpoint of the weights it measured.
+    assert {"val_acc", "ema/val_acc"} <= set(run.data.metrics)
+    assert {m.key for m in raw_model.metrics or []} & {"val_acc", "ema/val_acc"} == {"val_acc"}
+    assert {m.key for m in ema_model.metrics or []} & {"val_acc", "ema/val_acc"} == {"ema/val_acc"}
+
+
+def test_mlflow_ema_autolog_without_a_logger_logs_the_modules_metrics_to_the_active_run(tracking, loaders):
+    """No MLFlowLogger, no mlflow.pytorch.autolog: the callback logs what the module logs."""
+    mlflow_ema.autolog(checkpoint_every_n_epochs=1)
+    try:
+        with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(logger=False).fit(make_model(), *loaders)
+    finally:
+        mlflow_ema.autolog(disable=True)
+    assert not [w for w in caught if "mlflow-ema" in str(w.message)]
+    client = mlflow.MlflowClient()
+    for key in ("val_acc", "ema/val_acc", "train_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [15, 30], key
+    assert not [k for k in mlflow.get_run(run.info.run_id).data.metrics if k.startswith("ema/train")]
+    for model_ in logged_models(run.info.run_id):
+        keys = {m.key for m in model_.metrics or []}
+        expected = "ema/val_acc" if model_.tags["mlflow_ema.kind"] == "ema" else "val_acc"
+        assert keys & {"val_acc", "ema/val_acc"} == {expected}, (model_.name, keys)
 
 
 # -- 6. resume through Lightning's own checkpoint ----------------------------------------------------
@@ -442,7 +512,7 @@ def test_resume_from_lightning_checkpoint_continues_the_ema_bit_for_bit(tracking
 def test_an_exception_in_validation_leaves_the_raw_weights(tracking, loaders):
     callback, recorder = EMACallback(checkpoint_every_n_epochs=1), Recorder()
     logger = mlflow_logger(tracking)
-    model = make_model(fail_in_epoch=1)
+    model = make_model(fail_at_validation=4)  # epoch 2's EMA pass
     trainer = make_trainer(callbacks=[callback, recorder], logger=logger)
     with pytest.raises(RuntimeError, match="validation failed on purpose"):
         trainer.fit(model, *loaders)
@@ -451,6 +521,7 @@ def test_an_exception_in_validation_leaves_the_raw_weights(tracking, loaders):
     assert same(model.state_dict(), recorder.raw)  # and they are gone
     assert not same(model.state_dict(), callback.ema.model_state_dict())
     assert not _SESSION.routing.prefixing  # metrics are no longer renamed ema/
+    assert recorder in trainer.callbacks and not callback._in_ema_pass
     assert _SESSION.watched == []
     callback.ema.update()  # not stuck in a swap
 
@@ -474,3 +545,35 @@ def test_a_callback_reused_by_a_new_trainer(tracking, loaders):
     assert callback.ema.init_fingerprint == fresh.init_fingerprint
     with callback.ema.swap() as swapped:
         assert swapped is other
+
+
+# -- 8. the README's Lightning section runs as written ------------------------------------------------
+
+
+def readme_lightning_snippets() -> str:
+    """The Python blocks of README.md's "### Lightning" section, in order."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n### Lightning\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 2, "the section's snippets changed: update this test"
+    return "\n".join(blocks)
+
+
+def test_the_readmes_lightning_snippets_run_as_written(tracking):
+    """Verbatim, in a fresh folder with MLflow's default sqlite store: one run through the
+    MLFlowLogger, one through mlflow_ema.autolog() with logger=False."""
+    try:
+        exec(compile(readme_lightning_snippets(), "README.md", "exec"), {"__name__": "readme_lightning"})
+    finally:
+        mlflow_ema.autolog(disable=True)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 2
+    client = mlflow.MlflowClient()
+    for run in runs:
+        for key in ("val_acc", "ema/val_acc"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == 2, (run.info.run_name, key)
+        models = logged_models(run.info.run_id)
+        assert [m.tags["mlflow_ema.kind"] for m in models] == ["ema", "raw", "ema", "raw"]
+        for model_ in models:
+            expected = "ema/val_acc" if model_.tags["mlflow_ema.kind"] == "ema" else "val_acc"
+            assert expected in {m.key for m in model_.metrics or []}, model_.name
