@@ -261,8 +261,8 @@ def test_the_options_of_average_are_the_fields_of_average_options(tmp_path, monk
     fields = [f.name for f in dataclasses.fields(mlflow_ema.AverageOptions)]
     assert [p.name for p in main.commands["average"].params] == ["config", *fields, "dry_run", "as_json"]
     selection = [f.name for f in selection_fields()]
-    assert selection == ["experiments", "run_id", "filter_string", "statuses", "metric", "mode", "kind",
-                         "checkpoint"]  # fmt: skip
+    assert selection == ["experiments", "run_id", "filter_string", "statuses", "metric", "mode", "model_name",
+                         "kind", "checkpoint"]  # fmt: skip
     assert [p.name for p in main.commands["ls"].params] == ["config", *selection, "top_k", "as_json"]
 
     seen = []
