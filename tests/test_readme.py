@@ -53,6 +53,20 @@ def evaluate(m):
 # What a block needs beyond the prelude, and what must hold after it.
 SETUPS = {
     None: ("", ""),
+    "continued": ("", ""),  # runs after the block marked before it, in the same process
+    # the "### Lightning" section's blocks, run in order (with their checks) by
+    # tests/test_lightning.py::test_the_readmes_lightning_snippets_run_as_written
+    "lightning": None,
+    "autolog": (
+        "",
+        """
+(run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+assert sorted(m.name for m in models if m.status.name == "READY") == ["ema-step8", "raw-step8"], models
+history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "ema/val_acc")
+assert len(history) == epochs, history
+""",
+    ),
     "resume": (
         """
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5)
@@ -78,18 +92,26 @@ scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5)
 
 
 def marked_blocks() -> list[tuple[str | None, str, int]]:
-    text = README.read_text()
-    return [(m["setup"], m["code"], text[: m.start()].count("\n") + 2) for m in MARKED.finditer(text)]
+    """(setup, code, line) of each marked block; a ``continued`` block's code starts with the
+    code of the block before it."""
+    text, blocks = README.read_text(), []
+    for m in MARKED.finditer(text):
+        code = (blocks[-1][1] if m["setup"] == "continued" and blocks else "") + m["code"]
+        blocks.append((m["setup"], code, text[: m.start()].count("\n") + 2))
+    return blocks
 
 
 def test_the_readme_marks_its_runnable_blocks():
     blocks = marked_blocks()
-    assert len(blocks) >= 4, "the README's Python examples are marked <!-- runnable -->"
+    python = README.read_text().count("```python\n")
+    assert len(blocks) == python, "every Python block of the README is marked <!-- runnable -->"
     assert {setup for setup, _, _ in blocks} <= set(SETUPS), [s for s, _, _ in blocks]
 
 
 @pytest.mark.parametrize(
-    ("setup", "code", "line"), marked_blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else None
+    ("setup", "code", "line"),
+    [block for block in marked_blocks() if SETUPS.get(block[0]) is not None],
+    ids=lambda v: f"line{v}" if isinstance(v, int) else None,
 )
 def test_a_readme_block_runs_as_written(tmp_path, setup, code, line):
     before, checks = SETUPS[setup]
