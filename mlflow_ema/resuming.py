@@ -15,7 +15,7 @@ from torch import nn
 from mlflow_ema.architecture import load_weights
 from mlflow_ema.ema import unwrap_model
 from mlflow_ema.errors import CheckpointError, IncompatibleModelError, MlflowEmaError
-from mlflow_ema.tags import TAG_KIND, TAG_STEP, TAG_TRAINING_STATE
+from mlflow_ema.tags import TAG_KIND, TAG_MODEL_NAME, TAG_STEP, TAG_TRAINING_STATE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ def restore(
     *,
     run_id: str | None,
     checkpoint: str | Path | None,
+    name: str | None = None,
 ) -> tuple[dict[str, Any], ResumeInfo]:
     """Load the weights, optimizer, scheduler and RNG states of the latest checkpoint with a
     training state; returns that state (the EMA's is in it) and where training continues."""
@@ -46,7 +47,9 @@ def restore(
     model_id = None
     with tempfile.TemporaryDirectory(prefix="mlflow-ema-resume-") as tmp:
         if checkpoint is None:
-            checkpoint, model_id, run_id = _download_latest(run_id, Path(tmp))
+            checkpoint, model_id, run_id = _download_latest(
+                run_id, Path(tmp), name or type(unwrap_model(model)).__name__.lower()
+            )
         state_dict, _manifest = load_checkpoint(checkpoint)
         state = load_training_state(checkpoint)
     load_weights(unwrap_model(model), state_dict, what="the checkpoint's weights")
@@ -70,8 +73,9 @@ def _set_rng(rng: dict[str, Any]) -> None:
     random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
 
 
-def _download_latest(run_id: str | None, tmp: Path) -> tuple[Path, str, str]:
-    """The run's latest READY raw checkpoint with a training state, downloaded to ``tmp``."""
+def _download_latest(run_id: str | None, tmp: Path, name: str) -> tuple[Path, str, str]:
+    """The run's latest READY raw checkpoint with a training state, downloaded to ``tmp``; of
+    the model ``name`` when the run trains several (their ``mlflow_ema.model_name``)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
@@ -90,6 +94,14 @@ def _download_latest(run_id: str | None, tmp: Path) -> tuple[Path, str, str]:
         ),
     )
     models = [m for m in models if m.status == LoggedModelStatus.READY]  # never a half-uploaded one
+    names = {m.tags.get(TAG_MODEL_NAME) for m in models}
+    if len(names) > 1:  # several models: this one's
+        models = [m for m in models if m.tags.get(TAG_MODEL_NAME) == name]
+        if not models:
+            raise CheckpointError(
+                f"run {run_id} trains several models ({', '.join(sorted(n or '?' for n in names))}), none named "
+                f"{name!r}: pass resume(..., name=...)"
+            )
     if not models:
         raise CheckpointError(
             f"run {run_id} has no complete checkpoint with training state "

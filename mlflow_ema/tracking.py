@@ -219,6 +219,7 @@ def resume(
     *,
     run_id: str | None = None,
     checkpoint: str | Path | None = None,
+    name: str | None = None,
 ) -> ResumeInfo:
     """Restore the weights, optimizer, scheduler, EMA and RNG state from the latest raw
     checkpoint logged with ``log_training_state=True``, and watch the model so training
@@ -226,14 +227,16 @@ def resume(
     logging into the same run.
 
     ``run_id`` defaults to the active run; ``checkpoint`` is a local checkpoint folder
-    to use instead. Returns the step and epoch to continue from.
+    to use instead. In a run that trains several models, resume each: ``name`` is the
+    model's name there (default: its class name in lower case; ``watch(name=)``'s if it had
+    one). Returns the step and epoch to continue from.
     """
     optimizers, schedulers = as_list(optimizer), as_list(scheduler)
-    state, info = restore(model, optimizers, schedulers, run_id=run_id, checkpoint=checkpoint)
+    state, info = restore(model, optimizers, schedulers, run_id=run_id, checkpoint=checkpoint, name=name)
     target = unwrap_model(model)
     existing = [w for w in _SESSION.watched if w.model is target]
     if not existing:
-        watch(model, optimizers or None)
+        watch(model, optimizers or None, name=name)
     w = existing[0] if existing else _SESSION.watched[-1]
     w.ema.load_state_dict(state["ema"])
     w.optimizer_steps = w.ema.step

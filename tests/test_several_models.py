@@ -35,11 +35,11 @@ class Discriminator(nn.Module):
         return self.net(x)
 
 
-def train_gan(G, D, opt_g, opt_d, digits, steps: int) -> None:
+def train_gan(G, D, opt_g, opt_d, digits, steps: int, start: int = 0) -> None:
     """The textbook loop: a discriminator step, then a generator step."""
     x, _ = digits
     bce = nn.BCEWithLogitsLoss()
-    for i in range(steps):
+    for i in range(start, start + steps):
         g = torch.Generator().manual_seed(i)
         real, z = x[torch.randint(0, len(x), (32,), generator=g)], torch.randn(32, 16, generator=g)
         fake = G(z)
@@ -232,3 +232,36 @@ def test_the_averaged_generator_of_a_gan_sweep_is_registered(tracking, digits):
     reference = Generator()
     reference.load_state_dict(soup)
     torch.testing.assert_close(generator(z), reference(z))
+
+
+def test_a_gan_resumes_bit_for_bit_each_model_from_its_own_checkpoint(tracking, digits):
+    from mlflow_ema.tracking import _SESSION
+
+    def fresh():
+        torch.manual_seed(0)
+        G, D = Generator(), Discriminator()
+        return G, D, torch.optim.Adam(G.parameters(), 2e-4), torch.optim.Adam(D.parameters(), 2e-4)
+
+    mlflow_ema.autolog(checkpoint_every_n_steps=3, log_training_state=True, checkpoint_at_end=False)
+    G, D, opt_g, opt_d = fresh()
+    with mlflow.start_run():
+        train_gan(G, D, opt_g, opt_d, digits, 6)
+        expected = {"G": (G.state_dict(), mlflow_ema.get_ema(G).model_state_dict()),
+                    "D": (D.state_dict(), mlflow_ema.get_ema(D).model_state_dict())}  # fmt: skip
+    _SESSION.reset()
+    mlflow_ema.autolog(checkpoint_every_n_steps=3, log_training_state=True, checkpoint_at_end=False)
+    G, D, opt_g, opt_d = fresh()
+    with mlflow.start_run() as killed:
+        train_gan(G, D, opt_g, opt_d, digits, 4)  # checkpoints at step 3, then the job dies
+        mlflow_ema.flush()
+    _SESSION.reset()  # a new process
+    mlflow_ema.autolog(checkpoint_every_n_steps=3, log_training_state=True, checkpoint_at_end=False)
+    G, D, opt_g, opt_d = fresh()
+    with mlflow.start_run(run_id=killed.info.run_id):
+        assert mlflow_ema.resume(G, opt_g).step == mlflow_ema.resume(D, opt_d).step == 3
+        train_gan(G, D, opt_g, opt_d, digits, 3, start=3)
+        got = {"G": (G.state_dict(), mlflow_ema.get_ema(G).model_state_dict()),
+               "D": (D.state_dict(), mlflow_ema.get_ema(D).model_state_dict())}  # fmt: skip
+    for who in ("G", "D"):
+        for mine, theirs in zip(got[who], expected[who], strict=True):
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs), who
