@@ -250,7 +250,8 @@ def _plan_sharded(w: Watched, step: int, parts_dir: str | None) -> tuple[Path, .
     if not parts_dir:
         return ()
     folder = Path(parts_dir)
-    folders = (folder / f"{w.prefix}raw-step{step}", folder / f"{w.prefix}ema-step{step}")
+    # alike on every rank (a model's name in its run is known on rank 0 alone)
+    folders = (folder / f"model{w.index}-raw-step{step}", folder / f"model{w.index}-ema-step{step}")
     if rank_zero():
         _discard(folders)
     return folders

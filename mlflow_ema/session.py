@@ -216,7 +216,7 @@ class Session:
         if schedulers is None:  # watch(): those the caller holds already (resume() passes its own)
             schedulers = find_schedulers(optimizers, held_objects()) if optimizers else []
         w = Watched(model, ema, list(optimizers), schedulers, name, driver, run_tags,
-                    optimizer_steps=ema.step, sharded=sharded, entry=entry)  # fmt: skip
+                    optimizer_steps=ema.step, sharded=sharded, entry=entry, index=len(self.watched))  # fmt: skip
         self.watched.append(w)
         start_capture(w, self)
         return w

@@ -37,6 +37,7 @@ class Watched:
     last_sharded_step: int | None = None  # step of a sharded model's last checkpoint, alike on every rank
     architecture: Architecture = dataclasses.field(default_factory=Architecture)  # see mlflow_ema.capture
     entry: nn.Module | None = None  # what the loop calls (a DDP / torch.compile wrapper), if not the model
+    index: int = 0  # its place among the session's watched models: the same on every rank
 
     label: str = ""  # its name among the run's models (checkpoint names, mlflow_ema.model_name)
     several: bool = False  # its run trains several models: its checkpoint names start with label
