@@ -61,24 +61,33 @@ def _frame_values(frame: FrameType) -> Iterable[Any]:
 
 
 def _collect(value: Any, found: dict[int, Any], seen: set[int], depth: int) -> None:
-    if id(value) in seen or isinstance(value, weakref.ProxyTypes):
+    if id(value) in seen:
         return
     seen.add(id(value))
+    try:
+        items = _held_by(value, found, depth)
+    except Exception:  # a user object whose attributes raise: nothing to find in it
+        return
+    for item in items:
+        _collect(item, found, seen, depth - 1)
+
+
+def _held_by(value: Any, found: dict[int, Any], depth: int) -> list[Any]:
+    """What to look into below ``value`` (recording it first if it is wanted)."""
+    if isinstance(value, weakref.ProxyTypes):
+        return []
     if isinstance(value, _WANTED):
         found[id(value)] = value
-        return
+        return []
     if depth == 0 or isinstance(value, _NOT_HOLDERS):
-        return
-    if isinstance(value, _CONTAINERS):
-        items = value.values() if isinstance(value, dict) else value
-        if len(items) <= 256:  # a model zoo, not a dataset
-            for item in items:
-                _collect(item, found, seen, depth - 1)
-        return
-    attributes = getattr(value, "__dict__", None)
-    if isinstance(attributes, dict) and len(attributes) <= 256:
-        for item in list(attributes.values()):
-            _collect(item, found, seen, depth - 1)
+        return []
+    if not isinstance(value, _CONTAINERS):
+        value = getattr(value, "__dict__", None)
+        if not isinstance(value, dict):
+            return []
+    if len(value) > 256:  # a dataset, not a model zoo
+        return []
+    return list(value.values() if isinstance(value, dict) else value)
 
 
 def find_model(optimizer: Any, held: Sequence[Any]) -> nn.Module | None:
