@@ -504,15 +504,20 @@ def test_a_real_program_passes_the_check(tmp_path):
     assert load_program(tmp_path / "real.pt2")(torch.randn(4, 64)).shape == (4, 10)
 
 
-def test_a_runs_program_replaced_by_a_crafted_archive_is_never_loaded(registry, digits, tmp_path):
-    mlflow.set_experiment("secure")
+def one_checkpointed_run(experiment: str, digits) -> str:
+    """A watched MLP trained 3 steps in ``experiment``, one checkpoint with a metric; its run id."""
+    mlflow.set_experiment(experiment)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mlflow_ema.watch(model, opt)
     with mlflow.start_run() as run:
         fit(model, opt, digits, 3)
         mlflow_ema.log_checkpoint(metrics={"ema/val_acc": 0.5})
-    run_id = run.info.run_id
+    return run.info.run_id
+
+
+def test_a_runs_program_replaced_by_a_crafted_archive_is_never_loaded(registry, digits, tmp_path):
+    run_id = one_checkpointed_run("secure", digits)
     ema = logged_models(run_id)[0]
     assert ema.tags["mlflow_ema.kind"] == "ema"
     uri = f"models:/{ema.model_id}"
@@ -540,17 +545,11 @@ def test_a_runs_program_replaced_by_a_crafted_archive_is_never_loaded(registry, 
     "content", ["{not json", '{"format_version": 1, "leaves": [{"shape": [-1], "dtype": "os"}]}']
 )
 def test_a_malformed_inputs_json_is_refused_in_one_line(registry, digits, tmp_path, content):
-    mlflow.set_experiment("malformed")
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mlflow_ema.watch(model, opt)
-    with mlflow.start_run() as run:
-        fit(model, opt, digits, 3)
-        mlflow_ema.log_checkpoint(metrics={"ema/val_acc": 0.5})
+    run_id = one_checkpointed_run("malformed", digits)
     (tmp_path / "inputs.json").write_text(content)
-    MlflowClient().log_artifact(run.info.run_id, str(tmp_path / "inputs.json"), ARCH)
+    MlflowClient().log_artifact(run_id, str(tmp_path / "inputs.json"), ARCH)
     line = one_error(run_cli("average", "-e", "malformed", "--top-k", "1", "--register-as", "m", code=1))
-    assert f"run {run.info.run_id}: its recorded architecture is unreadable (inputs.json: " in line
+    assert f"run {run_id}: its recorded architecture is unreadable (inputs.json: " in line
     assert MlflowClient().search_registered_models() == []
 
 
