@@ -16,6 +16,7 @@ from mlflow_ema.cli.options import options_from, values_for
 
 from mlflow_ema._version import __version__
 from mlflow_ema.average_options import AverageOptions, selection_fields
+from mlflow_ema.posthoc_options import PosthocOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -77,6 +78,8 @@ def main(ctx: click.Context, tracking_uri: str | None, debug: bool) -> None:
       mlflow-ema ls --experiment digits                  rank runs by their best checkpoint
       mlflow-ema average --experiment digits --top-k 5 --register-as digits-soup --alias candidate
       mlflow-ema promote digits-soup --from-alias candidate --to champion --if-better ema/val_acc
+      mlflow-ema posthoc --run <run_id> --eval my_pkg.evals:val_acc --register-as digits-phema
+                                                         choose the EMA length after training
       mlflow-ema inspect models:/<model_id>              a checkpoint's manifest and tensors
     """
     ctx.obj = {"tracking_uri": tracking_uri}  # set by each command, once its output is quiet
@@ -220,6 +223,52 @@ def ls_command(top_k: int, as_json: bool, **params: Any) -> None:
         if not text.startswith("only "):
             note(f"note: {text}")
     emit(as_json, [c.as_dict() for c in selection.candidates], _selection_table(selection.candidates))
+
+
+@main.command(context_settings=CONTEXT)
+@config_option
+@options_from(dataclasses.fields(PosthocOptions))  # one option per field, declared there
+@json_option
+def posthoc(as_json: bool, **params: Any) -> None:
+    """Choose the EMA length after training, from a run's post-hoc EMA snapshots.
+
+    The run must have been trained with `autolog(posthoc_every_n_steps=N)`. For each
+    --sigma-rel, the snapshots taken by the step are combined (least squares over the
+    power-function EMA profiles, Karras et al. 2024) into the EMA of that length, scored
+    with --eval, and the curve is logged to a run; --register-as registers the best one
+    and --output writes them. --json prints one object per --sigma-rel.
+    """
+    from mlflow_ema import posthoc as library
+
+    options = PosthocOptions(**values_for(dataclasses.fields(PosthocOptions), params))
+    library.check_posthoc(options)  # before the store is touched
+    _open_store()
+    result = library.reconstruct(options, progress=progress(as_json))
+    data = []
+    for plan in result.reconstructions:
+        chosen = plan is result.chosen
+        registered = vars(result.registered) if chosen and result.registered else None
+        data.append({**plan.as_dict(), "chosen": chosen, "registered": registered, "run_id": result.run_id})
+    emit(as_json, data, _posthoc_text(result, options.metric))
+
+
+def _posthoc_text(result, metric: str) -> str:
+    rows = [("sigma_rel", metric, "snapshots", "")]
+    for plan in result.reconstructions:
+        score = "-" if plan.score is None else f"{plan.score:.6g}"
+        used = sum(1 for _, c in plan.coefficients if c != 0.0)
+        rows.append((f"{plan.sigma_rel:g}", score, str(used), "<- chosen" if plan is result.chosen else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(f"at step {result.reconstructions[0].step}; logged to run {result.run_id}")
+    if result.registered:
+        r = result.registered
+        where = f"models:/{r.name}@{r.alias}" if r.alias else f"models:/{r.name}/{r.version}"
+        lines.append(f"registered {r.name} version {r.version} ({where}), sigma_rel {result.chosen.sigma_rel:g}")
+    outputs = [p.output for p in result.reconstructions if p.output]
+    if outputs:
+        lines.append(f"wrote {', '.join(outputs)}")
+    return "\n".join(lines)
 
 
 @main.command(context_settings=CONTEXT)

@@ -44,6 +44,8 @@ def click_option(field: dataclasses.Field) -> Callable[[F], F]:
         kwargs["multiple"] = True
     if meta["is_flag"]:
         kwargs["is_flag"] = True
+    if meta.get("required"):
+        kwargs["required"] = True
     if field.default not in (None, ()):
         kwargs["default"] = list(field.default) if meta["multiple"] else field.default
     if meta["show_default"]:

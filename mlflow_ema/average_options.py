@@ -45,6 +45,7 @@ def option(
     selection: bool = False,
     param: str | None = None,
     param_if_none: str = "",
+    required: bool = False,
 ) -> Any:
     """A field of :class:`AverageOptions` with ``default`` and the metadata of its
     command-line option (see the module docstring)."""
@@ -53,7 +54,7 @@ def option(
         "flags": flags, "help": help, "metavar": metavar, "choices": tuple(choices), "at_least": at_least,
         "folder": folder, "multiple": isinstance(default, tuple), "is_flag": is_flag,
         "show_default": default is not None and not is_flag and default != (), "convert": convert,
-        "selection": selection, "param": param, "param_if_none": param_if_none,
+        "selection": selection, "param": param, "param_if_none": param_if_none, "required": required,
     }  # fmt: skip
     return dataclasses.field(default=default, metadata=metadata)
 

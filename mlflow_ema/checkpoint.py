@@ -63,7 +63,7 @@ INDEX_FILE = "model.safetensors.index.json"  # sharded weights: the Hugging Face
 SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
 MANIFEST_FILE = "manifest.json"
 TRAINING_STATE_FILE = "training_state.pt"
-KINDS = ("raw", "ema", "soup")
+KINDS = ("raw", "ema", "soup", "posthoc")
 # A forged length in a safetensors file's first 8 bytes would allocate up to 16 EB: refuse
 # anything over the safetensors library's own limit before reading a byte of the header.
 MAX_HEADER_BYTES = 100 * 10**6
@@ -91,7 +91,8 @@ _SHORT.maxlevel = 2
 class Manifest:
     """The contents of ``manifest.json``."""
 
-    kind: str  # "raw" (the trained weights), "ema" (the moving average) or "soup" (averaged runs)
+    kind: str  # "raw" (the trained weights), "ema" (the moving average), "soup" (averaged runs, a
+    # post-hoc reconstruction) or "posthoc" (a snapshot of a power-function EMA)
     files: dict[str, dict[str, Any]]  # file name -> {"sha256": hex, "bytes": size}
     num_tensors: int  # stored tensors (aliases not counted)
     num_parameters: int  # their total number of elements

@@ -32,17 +32,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mlflow_ema.capture import architecture_folder
+from mlflow_ema.posthoc_emas import sigma_rel_label
 from mlflow_ema.programs import architecture_path
 from mlflow_ema.safety import BOUNDARY, SHARDED
 from mlflow_ema.snapshot import (
     MergedParts,
     MergedSnapshots,
     Snapshot,
+    gather_posthoc,
     gather_sharded,
     save_part,
     take_snapshot,
 )
-from mlflow_ema.tags import RUN_TAG_ARCHITECTURE_ERROR, TAG_MODEL, TAG_MODEL_NAME
+from mlflow_ema.tags import RUN_TAG_ARCHITECTURE_ERROR, TAG_MODEL, TAG_MODEL_NAME, TAG_SIGMA_REL
 from mlflow_ema.uploader import CheckpointPart, UploadJob
 from mlflow_ema.watched import Watched
 
@@ -94,6 +96,52 @@ class Checkpoints:
         if queued is None:  # failed here: rank 0 says so at the next agreement
             _discard(gathered)
         return bool(queued)
+
+    def take_posthoc(self, w: Watched, *, run: Run | None = None) -> bool:
+        """Snapshot ``w``'s post-hoc EMAs at their step and queue them for upload, one
+        LoggedModel per ``sigma_rel``; False if skipped (taken at this step already, or no
+        run). A sharded model's are gathered by every rank at once, like its checkpoints."""
+        posthoc = w.posthoc
+        if posthoc is None or posthoc.step == 0 or posthoc.last_snapshot_step == posthoc.step:
+            return False
+        posthoc.last_snapshot_step = posthoc.step  # alike on every rank
+        states = None
+        if w.sharded:
+            if run is not None:  # a run ending on rank 0 alone: the other ranks cannot join a gather
+                self._warn_sharded_end(w)
+                return False
+            go, _ = BOUNDARY.prepare(SHARDED, lambda: None)
+            states = (
+                BOUNDARY.call(SHARDED, gather_posthoc, w.model, [ema for _, ema in posthoc]) if go else None
+            )
+            if states is None:
+                return False
+        run = (run or active_run()) if rank_zero() else None
+        if run is None:
+            if rank_zero():
+                self.session.warn_once("no-run", NO_RUN_MESSAGE)
+            return False
+        self.session.name_models(run[0])
+        parts = [self._posthoc_part(w, run[0], sigma_rel, ema, states[i] if states else None)
+                 for i, (sigma_rel, ema) in enumerate(posthoc)]  # fmt: skip
+        self.session.uploader.submit(self.session.upload_job(run[0], run[1], parts))
+        return True
+
+    def _posthoc_part(
+        self, w: Watched, run_id: str, sigma_rel: float, ema: Any, gathered: Any
+    ) -> CheckpointPart:
+        name = f"{w.prefix}posthoc{sigma_rel_label(sigma_rel)}-step{ema.step}"
+        record = self.session.ledger.add_checkpoint(
+            run_id, "posthoc", ema.step, w.epochs or None, name, self.session.optimizer_steps
+        )
+        tags = {
+            TAG_MODEL_NAME: w.label,
+            TAG_SIGMA_REL: str(sigma_rel),
+            **({TAG_MODEL: w.name} if w.name else {}),
+        }
+        snapshot = Snapshot(gathered) if gathered is not None else take_snapshot(ema.model_state_dict())
+        return CheckpointPart(record, snapshot, ema_decay=ema.last_decay, ema_updates=ema.num_updates,
+                              init_fingerprint=w.ema.init_fingerprint, tags=tags)  # fmt: skip
 
     def _warn_sharded_end(self, w: Watched) -> None:
         if w.last_sharded_step != w.ema.step:
@@ -153,9 +201,10 @@ class Checkpoints:
                 "log_training_state is not supported for sharded models yet: checkpoints hold the weights only",
             )
             return None
-        return take_snapshot(
-            {"version": 1, "step": step, "epoch": epoch, "ema": w.ema.state_dict(), "rng": rng_state()}
-        )
+        state = {"version": 1, "step": step, "epoch": epoch, "ema": w.ema.state_dict(), "rng": rng_state()}
+        if w.posthoc is not None:
+            state["posthoc"] = w.posthoc.state_dict()
+        return take_snapshot(state)
 
     def _parts(
         self, w: Watched, run_id: str, step: int, epoch: int | None, gathered: Any

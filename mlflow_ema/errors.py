@@ -43,3 +43,8 @@ class StoreError(MlflowEmaError):
 class UntrustedCodeError(MlflowEmaError):
     """Code named by a tracking server (a run's tag) that the user has not trusted: it is
     never imported (see ``--trust-module``)."""
+
+
+class PosthocError(MlflowEmaError, ValueError):
+    """Post-hoc EMA cannot reconstruct what was asked: no or too few snapshots, a step
+    beyond the last one, a singular system, a ``sigma_rel`` out of range."""

@@ -46,6 +46,8 @@ class CheckpointRecord:
     values: dict[str, float] = dataclasses.field(default_factory=dict)  # linked: key -> value
 
     def claims(self, metric: MetricRecord) -> bool:
+        if self.kind not in ("raw", "ema"):  # post-hoc snapshots: no metric describes them
+            return False
         return metric.key.startswith(EMA_PREFIX) == (self.kind == "ema") and (
             metric.step == self.step or metric.train_step == self.train_step
         )
@@ -141,7 +143,9 @@ class Ledger:
         """Ready checkpoints outside the ``keep_top_k`` best by ``monitor``, never the last
         one. While the run goes on, a checkpoint whose value is not known yet is kept;
         at the end (``final``) it ranks last."""
-        records = [c for c in self.checkpoints(run_id) if c.status in ("pending", "ready")]
+        records = [
+            c for c in self.checkpoints(run_id) if c.status in ("pending", "ready") and c.kind != "posthoc"
+        ]
         taken = sorted({c.train_step for c in records})  # raw and EMA of one moment share it
         if not taken:
             return []

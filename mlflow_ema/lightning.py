@@ -54,6 +54,7 @@ from mlflow_ema.checkpointing import active_run
 from mlflow_ema.ema import EMA
 from mlflow_ema.ledger import EMA_PREFIX
 from mlflow_ema.options import EMAOptions, signature_of
+from mlflow_ema.posthoc_emas import PosthocEMAs
 from mlflow_ema.safety import BOUNDARY, LIGHTNING, LIGHTNING_ENTRY
 from mlflow_ema.session import SESSION
 from mlflow_ema.tags import RUN_TAG_MODEL_HPARAMS
@@ -81,6 +82,8 @@ class EMACallback(pl.Callback):
         decay, update_every, start_step, ema_dtype, ema_device: the EMA's options
             (:class:`mlflow_ema.options.EMAOptions`, as for :class:`mlflow_ema.EMA`; ``decay``
             defaults to autolog's, else ``WarmupDecay(0.9999, power=3/4)``).
+        posthoc_every_n_steps, posthoc_sigma_rels: post-hoc EMA, as for ``autolog``
+            (snapshots every N optimizer steps and at the end of ``fit``).
         validate_with_ema: validate the EMA weights (metrics logged as ``ema/<name>``).
         validate_raw: validate the raw weights too (Lightning's pass, plain names), then the
             EMA ones in a second pass: both raw and EMA checkpoints get metrics to rank by.
@@ -88,7 +91,8 @@ class EMACallback(pl.Callback):
         checkpoint_every_n_epochs: checkpoint after every N-th validation (None: only at the end).
         checkpoint_at_end: checkpoint when ``fit`` ends.
 
-    State kept here: ``ema`` (the EMA; in Lightning's ``.ckpt`` through :meth:`state_dict`),
+    State kept here: ``ema`` (the EMA; in Lightning's ``.ckpt`` through :meth:`state_dict`,
+    with ``posthoc``, the post-hoc EMAs),
     ``_last_global_step`` (``trainer.global_step`` at the EMA's last update: a batch that
     did not advance it, under gradient accumulation, does not update the EMA).
     """
@@ -110,6 +114,7 @@ class EMACallback(pl.Callback):
         self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
         self.checkpoint_at_end = checkpoint_at_end
         self.ema: EMA | None = None
+        self.posthoc: PosthocEMAs | None = None  # the power-function EMAs (posthoc_every_n_steps)
         self._ema_of: pl.LightningModule | None = None  # the module self.ema follows
         self._auto = False  # added by autolog's entry point
         self._watched: Watched | None = None
@@ -140,18 +145,20 @@ class EMACallback(pl.Callback):
         if stage != "fit" or not self._active(trainer):
             return
         if self.ema is None or self._ema_of is not pl_module:  # a reused callback, another module
-            self.ema = self.ema_options.build(pl_module)
+            self.ema, self.posthoc = (
+                self.ema_options.build(pl_module),
+                self.ema_options.build_posthoc(pl_module),
+            )
             self._ema_of = pl_module
         self._last_global_step = trainer.global_step  # a new Trainer counts from 0 again
         self._val_names = set()
         if self._restored is not None:
-            self.ema.load_state_dict(self._restored["ema"])
-            self._last_global_step = self._restored["last_step"]
+            self.load_state_dict(self._restored)
             self._restored = None
         if self._two_passes:  # first, so that ema/ metrics exist before others' on_validation_end
             trainer.callbacks = [self, *(cb for cb in trainer.callbacks if cb is not self)]
         SESSION.install_run_hooks()
-        self._watched = SESSION.add(pl_module, [], driver="lightning", ema=self.ema)
+        self._watched = SESSION.add(pl_module, [], driver="lightning", ema=self.ema, posthoc=self.posthoc)
         self._watched.run_tags[RUN_TAG_MODEL_HPARAMS] = json.dumps(_jsonable(dict(pl_module.hparams)))
 
     @_hook
@@ -192,8 +199,8 @@ class EMACallback(pl.Callback):
         if self._watched is None or trainer.global_step <= self._last_global_step:
             return  # gradient accumulation: no optimizer step in this batch
         self._last_global_step = trainer.global_step
-        self.ema.update()
-        SESSION.count_step(self._watched, _run_of(trainer))
+        SESSION.update_emas(self._watched, _run_of(trainer))  # the EMA's and the post-hoc EMAs' update
+        SESSION.posthoc_snapshot_if_due(self._watched, _run_of(trainer))
 
     @property
     def _two_passes(self) -> bool:
@@ -272,26 +279,18 @@ class EMACallback(pl.Callback):
 
     def _log_metrics(self, trainer: pl.Trainer, names: set[str], *, prefix: str) -> None:
         """Without a logger to MLflow, ``names`` of ``callback_metrics`` go to the active run."""
-        run = _run_of(trainer) if self._mirror else None
-        metrics = trainer.callback_metrics
-        values = {prefix + k: float(metrics[k]) for k in sorted(names) if k in metrics}
-        if run is None or not values or not trainer.is_global_zero:
-            return
-        import mlflow
-
-        stamp, step = int(time.time() * 1000), trainer.global_step
-        mlflow.MlflowClient(run[1]).log_batch(
-            run[0], [mlflow.entities.Metric(k, v, stamp, step) for k, v in values.items()]
-        )
+        if self._mirror:
+            _log_to_run(trainer, names, prefix)
 
     @_hook
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watched is None:
             return
+        run = _run_of(trainer)
         if self.checkpoint_at_end and self.ema.step > 0:
             # after fit, current_epoch counts the epochs run (a last partial one included)
             self._checkpoint(trainer, epoch=trainer.current_epoch)
-        run = _run_of(trainer)
+        SESSION.checkpoints.take_posthoc(self._watched, run=run)  # unless taken at this step
         if run is not None:  # no step comes now: the training states are complete
             SESSION.flush(run[0])
 
@@ -308,16 +307,20 @@ class EMACallback(pl.Callback):
 
     @BOUNDARY.guarded(LIGHTNING, default=dict)
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.ema is None else {"ema": self.ema.state_dict(), "last_step": self._last_global_step}
+        if self.ema is None:
+            return {}
+        posthoc = {"posthoc": self.posthoc.state_dict()} if self.posthoc is not None else {}
+        return {"ema": self.ema.state_dict(), "last_step": self._last_global_step, **posthoc}
 
     @_hook
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            if self.ema is not None:
-                self.ema.load_state_dict(state_dict["ema"])
-                self._last_global_step = state_dict["last_step"]
-            else:
-                self._restored = state_dict
+        if state_dict and self.ema is None:
+            self._restored = state_dict  # restored in setup(), once the EMA is made
+        elif state_dict:
+            self.ema.load_state_dict(state_dict["ema"])
+            self._last_global_step = state_dict["last_step"]
+            if self.posthoc is not None and "posthoc" in state_dict:
+                self.posthoc.load_state_dict(state_dict["posthoc"])
 
     @_hook
     def on_load_checkpoint(
@@ -335,6 +338,20 @@ class EMACallback(pl.Callback):
 
 
 signature_of(EMACallback.__init__, EMAOptions, keep=("self",))
+
+
+def _log_to_run(trainer: pl.Trainer, names: set[str], prefix: str) -> None:
+    """``names`` of ``callback_metrics``, prefixed, to the Trainer's run (from rank 0)."""
+    run, metrics = _run_of(trainer), trainer.callback_metrics
+    values = {prefix + k: float(metrics[k]) for k in sorted(names) if k in metrics}
+    if run is None or not values or not trainer.is_global_zero:
+        return
+    import mlflow
+
+    stamp, step = int(time.time() * 1000), trainer.global_step
+    mlflow.MlflowClient(run[1]).log_batch(
+        run[0], [mlflow.entities.Metric(k, v, stamp, step) for k, v in values.items()]
+    )
 
 
 def _validation_metric_names(trainer: pl.Trainer) -> set[str]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, parse_size
+from mlflow_ema.posthoc_emas import DEFAULT_SIGMA_RELS, PosthocEMAs, check_posthoc_options
 from mlflow_ema.schedules import DecaySchedule, WarmupDecay
 
 
@@ -37,10 +38,14 @@ class EMAOptions:
     start_step: int = 0
     ema_dtype: torch.dtype | None = None
     ema_device: str | torch.device | None = None
+    # post-hoc EMA (mlflow_ema.posthoc_emas): snapshots of power-function EMAs every N steps
+    posthoc_every_n_steps: int | None = None
+    posthoc_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS
 
     def __post_init__(self) -> None:
         if self.decay is None:
             self.decay = default_decay()
+        self.posthoc_sigma_rels = check_posthoc_options(self.posthoc_every_n_steps, self.posthoc_sigma_rels)
 
     def ema_options(self) -> EMAOptions:
         """Only the EMA's options (of an :class:`AutologConfig`, say)."""
@@ -52,6 +57,13 @@ class EMAOptions:
 
         return EMA(model, decay=self.decay, update_every=self.update_every, start_step=self.start_step,
                    dtype=self.ema_dtype, device=self.ema_device)  # fmt: skip
+
+    def build_posthoc(self, model: torch.nn.Module) -> PosthocEMAs | None:
+        """The post-hoc EMAs of ``model`` (None: post-hoc EMA is off)."""
+        if self.posthoc_every_n_steps is None:
+            return None
+        return PosthocEMAs(model, self.posthoc_sigma_rels, self.posthoc_every_n_steps, dtype=self.ema_dtype,
+                           device=self.ema_device)  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -54,7 +54,7 @@ def architecture_path(name: str | None) -> str:
 def checkpoint_model_name(checkpoint: str, kind: str) -> str | None:
     """The model name a checkpoint's name starts with (``generator-ema-step9`` -> ``generator``),
     None for a run's only model (``ema-step9``)."""
-    cut = checkpoint.rfind(f"{kind}-step")
+    cut = checkpoint.rfind("posthoc" if kind == "posthoc" else f"{kind}-step")  # posthoc<sigma_rel>-step
     return checkpoint[:cut].removesuffix("-") or None if cut > 0 else None
 
 

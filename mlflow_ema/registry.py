@@ -23,7 +23,7 @@ import dataclasses
 import datetime
 import json
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,17 @@ def _soup_artifact_location(members: Any, name: str) -> str | None:
     return f"{location.rsplit('/', 1)[0]}/soups/{quote(name, safe='')}"
 
 
+@dataclasses.dataclass
+class SoupExtras:
+    """What a registration adds beyond :func:`register_soup`'s own (``mlflow-ema posthoc``):
+    fields per member in ``mlflow_ema.sources``, tags on the version, and ``log(tmp)``,
+    called in the soup run instead of logging ``soup.png``."""
+
+    sources: Sequence[dict[str, Any]] | None = None
+    version_tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    log: Callable[[Path], None] | None = None
+
+
 def register_soup(
     state_dict: Mapping[str, torch.Tensor],
     members: Sequence[tuple[Candidate, float, Manifest]],
@@ -157,6 +168,7 @@ def register_soup(
     params: Mapping[str, Any],
     soup_value: float | None = None,
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
+    extras: SoupExtras | None = None,
 ) -> RegisteredSoup:
     """Log the soup as a run and register it as a new version of ``name``. See the module
     docstring; ``members`` are (candidate, normalized weight, manifest), best first, and
@@ -181,13 +193,16 @@ def register_soup(
             tempfile.TemporaryDirectory() as tmp,
         ):
             made["run_id"] = run.info.run_id
+            extras = extras or SoupExtras()
             manifest, sources = _log_soup(Path(tmp), state_dict, members, strategy=strategy, metric=metric,
-                                          params=params, soup_value=soup_value, max_shard_size=max_shard_size)  # fmt: skip
+                                          params=params, soup_value=soup_value, max_shard_size=max_shard_size,
+                                          extras=extras)  # fmt: skip
             requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
             info = log_soup_model(model, requirements)
             sha256 = weights_digest(manifest)
             tags = {TAG_SOURCES: json.dumps(sources), TAG_STRATEGY: strategy, TAG_SHA256: sha256,
-                    TAG_VERSION: __version__, TAG_SCORED: "false" if soup_value is None else "true"}  # fmt: skip
+                    TAG_VERSION: __version__, TAG_SCORED: "false" if soup_value is None else "true",
+                    **extras.version_tags}  # fmt: skip
             version = mlflow.register_model(info.model_uri, name, tags=tags)
             made["version"] = version.version
             if alias:
@@ -212,15 +227,17 @@ def _log_soup(
     params: Mapping[str, Any],
     soup_value: float | None,
     max_shard_size: int | str | None,
+    extras: SoupExtras,
 ) -> tuple[Manifest, list[dict[str, Any]]]:
-    """The soup run's params, metrics and artifacts (``soup/``, ``soup.png``), in the active
-    run; returns the soup's manifest and the members' sources."""
+    """The soup run's params, metrics and artifacts (``soup/``, ``soup.png`` or what
+    ``extras.log`` logs instead), in the active run; returns the soup's manifest and the
+    members' sources."""
     import mlflow
 
     sources = [
         {"run_id": c.run_id, "model_id": c.model_id, "step": c.step, "value": c.value, "weight": w,
-         "sha256": weights_digest(m)}
-        for c, w, m in members
+         "sha256": weights_digest(m), **(extras.sources[i] if extras.sources else {})}
+        for i, (c, w, m) in enumerate(members)
     ]  # fmt: skip
     mlflow.log_params(
         {**{k: _param(v) for k, v in params.items()}, "strategy": strategy, "members": len(members)}
@@ -235,7 +252,10 @@ def _log_soup(
                                init_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,
                                metadata={"strategy": strategy, "sources": sources}, max_shard_size=max_shard_size)  # fmt: skip
     mlflow.log_artifacts(str(tmp / "soup"), artifact_path="soup")
-    mlflow.log_artifact(str(_chart(members, metric, soup_value, tmp / "soup.png")))
+    if extras.log is not None:
+        extras.log(tmp)
+    else:
+        mlflow.log_artifact(str(_chart(members, metric, soup_value, tmp / "soup.png")))
     return manifest, sources
 
 

@@ -21,13 +21,15 @@ _logger = logging.getLogger("mlflow_ema")
 
 
 def end_of_run(session: Session, run_id: str, status: str | None, tracking_uri: str) -> None:
-    """Last checkpoint (``checkpoint_at_end``, a successful run), then every checkpoint of
-    the run uploaded, ``keep_top_k`` applied and failures reported."""
+    """Last checkpoint (``checkpoint_at_end``, a successful run) and post-hoc snapshots, then
+    every checkpoint of the run uploaded, ``keep_top_k`` applied and failures reported."""
     finished = status in (None, "FINISHED")
     for w in list(session.watched):
-        if (w.run_id == run_id and finished and session.config.checkpoint_at_end and w.ema.step > 0
-                and w.driver != "lightning"):  # fmt: skip
+        if w.run_id != run_id or not finished or w.driver == "lightning":  # the callback ends its own
+            continue
+        if session.config.checkpoint_at_end and w.ema.step > 0:
             session.checkpoints.take(w, run=(run_id, tracking_uri))
+        session.checkpoints.take_posthoc(w, run=(run_id, tracking_uri))  # unless taken at this step
     session.checkpoints.complete(run_id=run_id)  # the training state is final now
     if not session.ledger.checkpoints(run_id) and not session.ledger.failures(run_id):
         return

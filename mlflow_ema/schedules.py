@@ -26,6 +26,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from mlflow_ema.posthoc_math import check_sigma_rel, power_beta, sigma_rel_to_gamma
+
 DecaySchedule = Callable[[int], float]
 
 
@@ -129,8 +131,32 @@ class BiasCorrectedDecay:
         return b * (1.0 - b ** (t - 1)) / (1.0 - b**t)
 
 
+@dataclasses.dataclass(frozen=True)
+class PowerFunctionDecay:
+    """The power-function EMA of EDM2 (Karras et al. 2024): ``(1 - 1/t) ** (gamma + 1)``,
+    its length given as ``sigma_rel``, the width of its averaging profile relative to the
+    training so far (0.05 to 0.10 are typical; at most ``1/sqrt(12)``, the plain mean).
+    Unlike a constant decay its length grows with training: at step ``t`` it averages
+    about the last ``sigma_rel * t * sqrt(12)`` steps' worth. The first update copies the
+    weights. See :mod:`mlflow_ema.posthoc_math` for ``gamma``; post-hoc EMA combines
+    snapshots of two such EMAs into any other length after training."""
+
+    sigma_rel: float = 0.05
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma_rel", check_sigma_rel(self.sigma_rel))
+
+    @property
+    def gamma(self) -> float:
+        return sigma_rel_to_gamma(self.sigma_rel)
+
+    def __call__(self, t: int) -> float:
+        return power_beta(t, self.gamma)
+
+
 _SCHEDULES = {
-    cls.__name__: cls for cls in (ConstantDecay, WarmupDecay, RampDecay, HalfLifeDecay, BiasCorrectedDecay)
+    cls.__name__: cls
+    for cls in (ConstantDecay, WarmupDecay, RampDecay, HalfLifeDecay, BiasCorrectedDecay, PowerFunctionDecay)
 }
 
 

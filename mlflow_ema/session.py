@@ -30,6 +30,7 @@ from mlflow_ema.errors import MlflowEmaError
 from mlflow_ema.ledger import Ledger
 from mlflow_ema.options import AutologConfig
 from mlflow_ema.patches import Patches
+from mlflow_ema.posthoc_emas import PosthocEMAs
 from mlflow_ema.routing import MetricRouter
 from mlflow_ema.safety import BOUNDARY, SHARDED
 from mlflow_ema.tags import RUN_TAG_MODEL_CLASS, RUN_TAG_MODEL_FACTORY, RUN_TAG_MODEL_KWARGS
@@ -39,9 +40,9 @@ from mlflow_ema.watched import Driver, Watched
 # What mlflow_ema.lightning may use of the session: the methods marked "Lightning", and the
 # documented parts (``config``, ``autolog_on``, ``routing``'s ema/ calls, ``checkpoints.take``).
 LIGHTNING_API = frozenset({
-    "install_run_hooks", "add", "bind_optimizers", "remove", "before_own_step", "count_step", "flush",
-    "config", "autolog_on", "routing.ema_weights_in", "routing.remember_ema_keys", "routing.forget_ema_keys",
-    "checkpoints.take",
+    "install_run_hooks", "add", "bind_optimizers", "remove", "before_own_step", "update_emas", "flush",
+    "posthoc_snapshot_if_due", "config", "autolog_on", "routing.ema_weights_in", "routing.remember_ema_keys",
+    "routing.forget_ema_keys", "checkpoints.take", "checkpoints.take_posthoc",
 })  # fmt: skip
 
 
@@ -142,15 +143,24 @@ class Session:
         n = self.config.checkpoint_every_n_steps
         if n and w.optimizer_steps % n == 0:
             self.checkpoints.take(w)
+        self.posthoc_snapshot_if_due(w)
 
     def _update(self, w: Watched) -> None:
-        w.ema.update()
-        self.count_step(w, active_run())
+        self.update_emas(w, active_run())
 
-    def count_step(self, w: Watched, run: tuple[str, str] | None) -> None:
-        """Lightning: ``w`` took an optimizer step (its EMA is updated) in ``run``."""
+    def update_emas(self, w: Watched, run: tuple[str, str] | None) -> None:
+        """Lightning: ``w`` took an optimizer step in ``run``: its EMA and post-hoc EMAs follow."""
+        w.ema.update()
+        if w.posthoc is not None:
+            w.posthoc.update()
         self.optimizer_steps += 1
         w.run_id = run[0] if run else None
+
+    def posthoc_snapshot_if_due(self, w: Watched, run: tuple[str, str] | None = None) -> None:
+        """Lightning: snapshot ``w``'s post-hoc EMAs every ``posthoc_every_n_steps`` (the same
+        step on every rank)."""
+        if w.posthoc is not None and w.posthoc.due():
+            self.checkpoints.take_posthoc(w, run=run)
 
     def on_epoch_end(self) -> None:
         n = self.config.checkpoint_every_n_epochs
@@ -198,14 +208,16 @@ class Session:
                 return w
         if rank_zero() and active_run() is None:
             self.warn_once("no-run", NO_RUN_MESSAGE)
-        return self.add(entry, [optimizer], driver="autolog", schedulers=find_schedulers([optimizer], held))
+        return self.add(entry, [optimizer], driver="autolog", schedulers=find_schedulers([optimizer], held),
+                        posthoc=self.config.build_posthoc(model))  # fmt: skip
 
     def add(self, model: nn.Module, optimizers: list[Any], *, driver: Driver, ema: EMA | None = None,
             name: str | None = None, model_factory: str | None = None, model_kwargs: dict | None = None,
-            schedulers: list[Any] | None = None) -> Watched:  # fmt: skip
-        """Lightning: keep an EMA of ``model`` (``ema``, or one made with the configuration).
-        ``model`` may be the wrapper the loop calls (DDP, ``torch.compile``): the EMA is of the
-        model inside, and the architecture's inputs are read from the wrapper's calls."""
+            schedulers: list[Any] | None = None, posthoc: PosthocEMAs | None = None) -> Watched:  # fmt: skip
+        """Lightning: keep an EMA of ``model`` (``ema``, or one made with the configuration),
+        and its post-hoc EMAs if any. ``model`` may be the wrapper the loop calls (DDP,
+        ``torch.compile``): the EMA is of the model inside, and the architecture's inputs are
+        read from the wrapper's calls."""
         entry, model = model, unwrap_model(model)
         sharded = is_sharded(model)
         if sharded:
@@ -216,7 +228,8 @@ class Session:
         if schedulers is None:  # watch(): those the caller holds already (resume() passes its own)
             schedulers = find_schedulers(optimizers, held_objects()) if optimizers else []
         w = Watched(model, ema, list(optimizers), schedulers, name, driver, run_tags,
-                    optimizer_steps=ema.step, sharded=sharded, entry=entry, index=len(self.watched))  # fmt: skip
+                    optimizer_steps=ema.step, sharded=sharded, entry=entry, index=len(self.watched),
+                    posthoc=posthoc)  # fmt: skip
         self.watched.append(w)
         start_capture(w, self)
         return w

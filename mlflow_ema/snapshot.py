@@ -111,6 +111,19 @@ def gather_sharded(model: Any, ema: Any) -> tuple[dict[str, torch.Tensor], dict[
     return raw, averaged
 
 
+def gather_posthoc(model: Any, emas: list[Any]) -> list[dict[str, torch.Tensor]]:
+    """Full state dicts of a sharded model's post-hoc EMAs, gathered to rank 0 like
+    :func:`gather_sharded` (a collective: every rank calls it at the same point)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    states = []
+    for ema in emas:
+        with ema.swap():
+            states.append(get_model_state_dict(model, options=options))
+    return states
+
+
 def _part_files(folder: Path, rank: int) -> tuple[Path, Path]:
     return folder / f"rank{rank:05d}.safetensors", folder / f"rank{rank:05d}.json"
 

@@ -84,10 +84,13 @@ def check_members(
     return manifests
 
 
-def normalized_weights(weights: Sequence[float]) -> list[float]:
+def normalized_weights(weights: Sequence[float], *, signed: bool = False) -> list[float]:
+    """The weights divided by their sum. ``signed``: some may be negative (post-hoc EMA's
+    coefficients); the sum must still be positive."""
     values = [float(w) for w in weights]
-    if any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
-        raise AveragingError(f"weights must be finite, non-negative and not all zero, got {values}")
+    if any(not math.isfinite(w) or (w < 0 and not signed) for w in values) or sum(values) <= 0:
+        what = "finite, with a positive sum" if signed else "finite, non-negative and not all zero"
+        raise AveragingError(f"weights must be {what}, got {values}")
     total = sum(values)
     return [w / total for w in values]
 
@@ -99,13 +102,15 @@ def average(
     dtype: torch.dtype | None = None,
     allow_different_init: bool = False,
     verify: bool = True,
+    signed: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[Manifest]]:
-    """The weighted average of the members' tensors (weights normalized to sum to 1),
-    keyed as their state dicts, with tied weights restored from the first manifest's
-    aliases; and the members' manifests. ``progress(done, total)`` is called per tensor."""
+    """The weighted average of the members' tensors (weights normalized to sum to 1; with
+    ``signed``, some may be negative), keyed as their state dicts, with tied weights
+    restored from the first manifest's aliases; and the members' manifests.
+    ``progress(done, total)`` is called per tensor."""
     manifests = check_members(members, allow_different_init=allow_different_init, verify=verify)
-    weights = normalized_weights([m.weight for m in members])
+    weights = normalized_weights([m.weight for m in members], signed=signed)
     readers: list[WeightsReader] = []
     try:
         for m, manifest in zip(members, manifests, strict=True):

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 # -- on the checkpoint LoggedModels (uploader.Uploader._log_model) --------------------------
 
-TAG_KIND = "mlflow_ema.kind"  # "raw" or "ema"; selection searches by it
+TAG_KIND = "mlflow_ema.kind"  # "raw", "ema" or "posthoc"; selection searches by it
 TAG_STEP = "mlflow_ema.step"  # optimizer steps taken when the checkpoint was made
 TAG_EPOCH = "mlflow_ema.epoch"  # epochs completed, when known (else not set)
 TAG_MODEL = "mlflow_ema.model"  # the ``name=`` of watch(), when given
 # The model's name among its run's models: watch(name=), else its class in lower case (``-2``...
 # for a second of one class); checkpoint names start with it when the run trains several.
 TAG_MODEL_NAME = "mlflow_ema.model_name"
+# A post-hoc EMA snapshot's sigma_rel (``posthoc<sigma_rel>-step<N>``, kind "posthoc"); on a
+# model version registered by ``mlflow-ema posthoc``, the sigma_rel it reconstructs
+TAG_SIGMA_REL = "mlflow_ema.sigma_rel"
 TAG_INIT_FINGERPRINT = "mlflow_ema.init_fingerprint"  # sha256 of the parameters before the first step
 TAG_ALL_FINITE = "mlflow_ema.all_finite"  # "false" when a weight is NaN/inf (averaging refuses it)
 TAG_FORMAT_VERSION = "mlflow_ema.format_version"  # the checkpoint manifest's format version

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch import nn
 from mlflow_ema.checkpointing import rank_zero
 from mlflow_ema.ema import EMA, unwrap_model
 from mlflow_ema.errors import MlflowEmaError
-from mlflow_ema.options import AutologConfig, signature_of
+from mlflow_ema.options import AutologConfig, EMAOptions, signature_of
 from mlflow_ema.resuming import ResumeInfo, as_list, restore
 from mlflow_ema.safety import BOUNDARY, EXIT_FLUSH
 from mlflow_ema.session import SESSION as _SESSION
@@ -135,28 +136,42 @@ def watch(
     name: str | None = None,
     model_factory: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    posthoc_every_n_steps: int | None = None,
+    posthoc_sigma_rels: Sequence[float] | None = None,
 ) -> EMA:
     """Keep an EMA of ``model``, updated after each ``optimizer.step()``, and log its
     checkpoints like autolog does (with autolog's configuration, or its defaults).
 
     The explicit API: no search for the model. Without ``optimizer``, call
-    ``ema.update()`` yourself. Pass ``ema=`` to use an EMA you built; ``name`` tells
-    several watched models apart (checkpoint names and the tag ``mlflow_ema.model``).
-    Returns the EMA.
+    ``ema.update()`` yourself (post-hoc EMAs then need an optimizer). Pass ``ema=`` to use
+    an EMA you built; ``name`` tells several watched models apart (checkpoint names and
+    the tag ``mlflow_ema.model``). ``posthoc_every_n_steps`` and ``posthoc_sigma_rels``
+    are autolog's (and default to its configuration). Returns the EMA.
     """
     session = _SESSION
     optimizers = as_list(optimizer)
     target = unwrap_model(model)
     if any(w.model is target for w in session.watched):
         raise MlflowEmaError(f"{type(target).__name__} is already watched")
+    posthoc = _posthoc_options(posthoc_every_n_steps, posthoc_sigma_rels).build_posthoc(model)
     session.install_run_hooks()
     w = session.add(model, optimizers, driver="watch", ema=ema, name=name, model_factory=model_factory,
-                    model_kwargs=model_kwargs)  # fmt: skip
+                    model_kwargs=model_kwargs, posthoc=posthoc)  # fmt: skip
     for opt in optimizers:
         session.by_optimizer[opt] = w
     if optimizers:  # the first optimizer's steps drive the EMA
         session.patches.hook_optimizer(optimizers[0], w)
     return w.ema
+
+
+def _posthoc_options(every_n_steps: int | None, sigma_rels: Sequence[float] | None) -> EMAOptions:
+    """autolog's EMA options with watch()'s post-hoc ones, where given."""
+    config = _SESSION.config.ema_options()
+    return dataclasses.replace(
+        config,
+        posthoc_every_n_steps=config.posthoc_every_n_steps if every_n_steps is None else every_n_steps,
+        posthoc_sigma_rels=config.posthoc_sigma_rels if sigma_rels is None else tuple(sigma_rels),
+    )
 
 
 def log_checkpoint(
@@ -239,7 +254,23 @@ def resume(
         watch(model, optimizers or None, name=name)
     w = existing[0] if existing else _SESSION.watched[-1]
     w.ema.load_state_dict(state["ema"])
+    _restore_posthoc(w, state.get("posthoc"))
     w.optimizer_steps = w.ema.step
     w.schedulers = schedulers or w.schedulers
     w.epochs = state["epoch"] or 0
     return info
+
+
+def _restore_posthoc(w: Any, state: dict[str, Any] | None) -> None:
+    """The post-hoc EMAs from a checkpoint's training state, when both have them."""
+    if w.posthoc is not None and state is not None:
+        w.posthoc.load_state_dict(state)
+    elif w.posthoc is not None:
+        _logger.warning(
+            "mlflow-ema: the checkpoint has no post-hoc EMAs: they start from the current weights"
+        )
+    elif state is not None:
+        _logger.warning(
+            "mlflow-ema: the checkpoint has post-hoc EMAs but post-hoc EMA is off now "
+            "(autolog(posthoc_every_n_steps=N)): they are not restored"
+        )

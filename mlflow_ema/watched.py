@@ -9,6 +9,7 @@ from torch import nn
 
 from mlflow_ema.capture import Architecture
 from mlflow_ema.ema import EMA
+from mlflow_ema.posthoc_emas import PosthocEMAs
 
 Driver = Literal["autolog", "watch", "lightning"]  # who steps the EMA: autolog's hooks, watch's, the callback
 
@@ -20,7 +21,8 @@ class Watched:
     - ``optimizer_steps``: steps of its (first) optimizer the hooks saw; step checkpoints
       fall due on it, the same on every rank;
     - ``epochs``: epochs that ended while it trained (exhausted ``DataLoader`` iterators);
-    - ``ema.step`` / ``ema.num_updates`` (on the EMA): updates asked for / averaged.
+    - ``ema.step`` / ``ema.num_updates`` (on the EMA): updates asked for / averaged;
+    - ``posthoc.step`` / ``posthoc.last_snapshot_step``: see :class:`PosthocEMAs`.
     """
 
     model: nn.Module
@@ -38,6 +40,7 @@ class Watched:
     architecture: Architecture = dataclasses.field(default_factory=Architecture)  # see mlflow_ema.capture
     entry: nn.Module | None = None  # what the loop calls (a DDP / torch.compile wrapper), if not the model
     index: int = 0  # its place among the session's watched models: the same on every rank
+    posthoc: PosthocEMAs | None = None  # its power-function EMAs, when post-hoc EMA is on
 
     label: str = ""  # its name among the run's models (checkpoint names, mlflow_ema.model_name)
     several: bool = False  # its run trains several models: its checkpoint names start with label
