@@ -264,7 +264,9 @@ def _posthoc_text(result, metric: str) -> str:
     if result.registered:
         r = result.registered
         where = f"models:/{r.name}@{r.alias}" if r.alias else f"models:/{r.name}/{r.version}"
-        lines.append(f"registered {r.name} version {r.version} ({where}), sigma_rel {result.chosen.sigma_rel:g}")
+        lines.append(
+            f"registered {r.name} version {r.version} ({where}), sigma_rel {result.chosen.sigma_rel:g}"
+        )
     outputs = [p.output for p in result.reconstructions if p.output]
     if outputs:
         lines.append(f"wrote {', '.join(outputs)}")
