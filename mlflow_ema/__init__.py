@@ -30,6 +30,10 @@ _EXPORTS = {
     "RampDecay": "mlflow_ema.schedules",
     "HalfLifeDecay": "mlflow_ema.schedules",
     "BiasCorrectedDecay": "mlflow_ema.schedules",
+    "PowerFunctionDecay": "mlflow_ema.schedules",
+    "posthoc_coefficients": "mlflow_ema.posthoc_math",
+    "PosthocOptions": "mlflow_ema.posthoc_options",
+    "reconstruct": "mlflow_ema.posthoc",
     "Checkpoint": "mlflow_ema.checkpoint",
     "Manifest": "mlflow_ema.checkpoint",
     "save_checkpoint": "mlflow_ema.checkpoint",
@@ -49,6 +53,7 @@ _EXPORTS = {
     "RegistryError": "mlflow_ema.errors",
     "StoreError": "mlflow_ema.errors",
     "UntrustedCodeError": "mlflow_ema.errors",
+    "PosthocError": "mlflow_ema.errors",
 }
 
 __all__ = [
@@ -64,6 +69,9 @@ __all__ = [
     "IncompatibleModelError",
     "Manifest",
     "MlflowEmaError",
+    "PosthocError",
+    "PosthocOptions",
+    "PowerFunctionDecay",
     "RampDecay",
     "RegistryError",
     "ResumeInfo",
@@ -82,8 +90,10 @@ __all__ = [
     "load_state_dict",
     "load_training_state",
     "log_checkpoint",
+    "posthoc_coefficients",
     "promote",
     "read_manifest",
+    "reconstruct",
     "resume",
     "save_checkpoint",
     "swap",
@@ -123,17 +133,22 @@ if TYPE_CHECKING:
         ChecksumMismatchError,
         IncompatibleModelError,
         MlflowEmaError,
+        PosthocError,
         RegistryError,
         SelectionError,
         StoreError,
         UntrustedCodeError,
     )
     from mlflow_ema.loading import load_checkpoint, load_model, load_state_dict
+    from mlflow_ema.posthoc import reconstruct
+    from mlflow_ema.posthoc_math import posthoc_coefficients
+    from mlflow_ema.posthoc_options import PosthocOptions
     from mlflow_ema.registry import promote
     from mlflow_ema.schedules import (
         BiasCorrectedDecay,
         ConstantDecay,
         HalfLifeDecay,
+        PowerFunctionDecay,
         RampDecay,
         WarmupDecay,
     )

@@ -111,8 +111,9 @@ class AverageOptions:
         help="Which model, in runs that train several (a GAN's generator): its checkpoints' mlflow_ema.model_name.",
     )  # fmt: skip
     kind: str = option(
-        "ema", "--kind", choices=("ema", "raw"), selection=True, param="kind",
-        help="Which checkpoints: the EMA or the raw weights.",
+        "ema", "--kind", choices=("ema", "raw", "posthoc"), selection=True, param="kind",
+        help="Which checkpoints: the EMA or the raw weights (or post-hoc EMA snapshots, which are never averaged "
+        "otherwise).",
     )  # fmt: skip
     checkpoint: str = option(
         "best", "--checkpoint", choices=("best", "last"), selection=True, param="checkpoint",

@@ -199,8 +199,8 @@ def _check_choice(*, mode: str, kind: str, checkpoint: str, top_k: int, min_k: i
     """The one-line error of the first invalid option of :func:`select`, if any."""
     if mode not in ("max", "min"):
         raise SelectionError(f"--mode must be max or min, got {mode!r}")
-    if kind not in ("raw", "ema"):
-        raise SelectionError(f"--kind must be raw or ema, got {kind!r}")
+    if kind not in ("raw", "ema", "posthoc"):
+        raise SelectionError(f"--kind must be raw, ema or posthoc, got {kind!r}")
     if checkpoint not in ("best", "last"):
         raise SelectionError(f"--checkpoint must be best or last, got {checkpoint!r}")
     if top_k < 1 or (min_k is not None and not 1 <= min_k <= top_k):
