@@ -577,3 +577,24 @@ def test_the_readmes_lightning_snippets_run_as_written(tracking):
         for model_ in models:
             expected = "ema/val_acc" if model_.tags["mlflow_ema.kind"] == "ema" else "val_acc"
             assert expected in {m.key for m in model_.metrics or []}, model_.name
+
+
+def test_posthoc_emas_snapshot_in_fit_and_resume_from_lightning_checkpoints(tracking, loaders, tmp_path):
+    """Issue 14: EMACallback(posthoc_every_n_steps=...) logs snapshots every N steps and at
+    the end of fit, and Lightning's .ckpt carries the post-hoc EMAs bit for bit."""
+    straight = EMACallback(checkpoint_at_end=False, posthoc_every_n_steps=10)
+    make_trainer(max_epochs=3, callbacks=[straight]).fit(make_model(), *loaders)
+
+    logger = mlflow_logger(tracking)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    first = EMACallback(posthoc_every_n_steps=10, posthoc_sigma_rels=(0.05, 0.1))
+    trainer = make_trainer(callbacks=[first, checkpoints], enable_checkpointing=True, logger=logger)
+    trainer.fit(make_model(), *loaders)  # 30 steps
+    resumed = EMACallback(posthoc_every_n_steps=10)
+    trainer = make_trainer(max_epochs=3, callbacks=[resumed], logger=mlflow_logger(tracking, run_id=logger.run_id))
+    trainer.fit(make_model(seed=1), *loaders, ckpt_path=checkpoints.last_model_path)  # to 45
+
+    for (sigma, ema), (_, reference) in zip(resumed.posthoc, straight.posthoc, strict=True):
+        assert ema.step == 45 and same(ema.model_state_dict(), reference.model_state_dict()), sigma
+    names = sorted(m.name for m in logged_models(logger.run_id) if m.tags["mlflow_ema.kind"] == "posthoc")
+    assert names == sorted(f"posthoc{s}-step{n}" for s in ("0_05", "0_1") for n in (10, 20, 30, 40, 45))
