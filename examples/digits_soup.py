@@ -8,7 +8,10 @@
    --if-better ema/val_acc``;
 4. the same with ``--strategy greedy``: the greedy soup becomes the champion only if
    its validation accuracy beats the uniform soup's;
-5. load ``models:/digits-soup@champion`` and print one table of test accuracy (digits
+5. post-hoc EMA: the first fine-tuning run also snapshotted two power-function EMAs
+   (``--posthoc-every-n-steps``); ``mlflow-ema posthoc --run <its id> --eval ...`` prints
+   the validation accuracy of its EMA reconstructed at several lengths, and the best;
+6. load ``models:/digits-soup@champion`` and print one table of test accuracy (digits
    held out from training, checkpoint ranking and soup scoring): the best single run's
    raw and EMA weights, the uniform soup and the greedy soup.
 
@@ -47,10 +50,11 @@ SWEEP = [
     (0.05, 6, "none"),
 ]
 EVAL = "examples.train_digits:val_accuracy"
+POSTHOC_EVERY = 25  # steps between post-hoc EMA snapshots of the first fine-tuning run
 
 
 def step(n: int, text: str) -> None:
-    print(f"\n[{n}/5] {text}", flush=True)
+    print(f"\n[{n}/6] {text}", flush=True)
 
 
 def quote(arg: str) -> str:
@@ -113,12 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     step(2, f"fine-tuning {len(SWEEP)} runs from {init_from} ({args.epochs} epochs each)")
+    posthoc_run = None
     for i, (lr, seed, how) in enumerate(SWEEP, 1):
         name = f"ft-lr{lr}-seed{seed}-{how}"
+        posthoc = ["--posthoc-every-n-steps", str(POSTHOC_EVERY)] if i == 1 else []
         run_id = train_digits.main(
             ["--experiment", args.experiment, "--run-name", name, "--init-from", init_from, "--lr", str(lr),
-             "--seed", str(seed), "--augment", how, "--epochs", str(args.epochs), "--quiet"]
+             "--seed", str(seed), "--augment", how, "--epochs", str(args.epochs), "--quiet", *posthoc]
         )  # fmt: skip
+        posthoc_run = posthoc_run or run_id
         metrics = mlflow.get_run(run_id).data.metrics
         print(
             f"  [{i}/{len(SWEEP)}] {name:<24} val_acc {metrics['val_acc']:.4f}  "
@@ -141,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         mlflow_ema_cli(*promote, "--if-better", "ema/val_acc")
         print(f"  {elapsed()}")
 
-    step(5, f"loading models:/{args.model_name}@champion and scoring on the held-out test digits")
+    step(5, f"post-hoc EMA: the EMA of run {posthoc_run} at other lengths, chosen after training")
+    mlflow_ema_cli("posthoc", "--run", posthoc_run, "--eval", EVAL, "--metric", "ema/val_acc")
+    print(f"  {elapsed()}")
+
+    step(6, f"loading models:/{args.model_name}@champion and scoring on the held-out test digits")
     print_table(args, selection_filter=f"params.init_from = '{init_from}'", versions=versions)
     if uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}":
         uri = "sqlite:///mlflow.db"

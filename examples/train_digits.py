@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> str:
                         help="training-time augmentation: shift by up to a pixel, or Gaussian noise")  # fmt: skip
     parser.add_argument("--init-from", help="checkpoint folder or models:/<model_id> to start from")
     parser.add_argument("--keep-top-k", type=int, default=3, help="checkpoints kept per run (plus the last)")
+    parser.add_argument("--posthoc-every-n-steps", type=int,
+                        help="snapshot power-function EMAs every N steps, to choose the EMA length after training "
+                        "(mlflow-ema posthoc)")  # fmt: skip
     parser.add_argument("--experiment", default="digits")
     parser.add_argument("--run-name", help="MLflow run name (default: MLflow picks one)")
     parser.add_argument("--quiet", action="store_true", help="print nothing per epoch")
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> str:
         checkpoint_every_n_epochs=1,
         keep_top_k=args.keep_top_k,
         monitor="ema/val_acc",
+        posthoc_every_n_steps=args.posthoc_every_n_steps,  # None: off
     )
     torch.manual_seed(args.seed)
     noise = torch.Generator().manual_seed(args.seed)

@@ -100,7 +100,10 @@ def test_main_job_twice_in_one_folder(tracking, capsys):
     runs = mlflow.search_runs(experiment_names=["digits"], output_format="list")
     soups = mlflow.search_runs(experiment_names=["digits-soups"], output_format="list")
     assert [r.info.run_name for r in runs if r.info.run_name.startswith(("base", "soup"))] == ["base"] * 2
-    assert [r.info.run_name for r in soups] == ["soup-digits-soup"] * 4
+    assert sorted(r.info.run_name.split("-")[0] for r in soups) == ["posthoc"] * 2 + ["soup"] * 4
+    for run in soups:  # the post-hoc EMA table's run: its scores and its choice
+        if run.info.run_name.startswith("posthoc-ft-"):
+            assert "chosen_sigma_rel" in run.data.metrics and "ema/val_acc/sigma_rel_0.08" in run.data.metrics
     assert sum(r.info.run_name.startswith("ft-") for r in runs) == 12
 
     # The table's champion row is what models:/digits-soup@champion loads.
@@ -108,6 +111,7 @@ def test_main_job_twice_in_one_folder(tracking, capsys):
     accuracy = test_accuracy(mlflow_ema.load_model("models:/digits-soup@champion"))
     for out in (first, second):
         assert "best single run, raw weights" in out and "greedy soup" in out and "uniform soup" in out
+
     (row,) = [line for line in second.splitlines() if line.endswith("<- models:/digits-soup@champion")]
     assert f"digits-soup version {champion.version} " in row
     assert row.split()[-3] == f"{accuracy:.4f}"
