@@ -67,6 +67,17 @@ history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "ema/val_acc
 assert len(history) == epochs, history
 """,
     ),
+    "posthoc": (
+        "",
+        """
+experiment = mlflow.get_run(run.info.run_id).info.experiment_id
+models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+names = sorted(m.name for m in models if m.tags.get("mlflow_ema.kind") == "posthoc")
+assert names == sorted(f"posthoc{s}-step{n}" for s in ("0_05", "0_1") for n in (4, 8)), names
+(plan,) = result.reconstructions
+assert plan.step == 8 and abs(sum(c for _, c in plan.coefficients) - 1) < 1e-9 and plan.output == "ema-0.08"
+""",
+    ),
     "resume": (
         """
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5)
