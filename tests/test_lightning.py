@@ -591,7 +591,9 @@ def test_posthoc_emas_snapshot_in_fit_and_resume_from_lightning_checkpoints(trac
     trainer = make_trainer(callbacks=[first, checkpoints], enable_checkpointing=True, logger=logger)
     trainer.fit(make_model(), *loaders)  # 30 steps
     resumed = EMACallback(posthoc_every_n_steps=10)
-    trainer = make_trainer(max_epochs=3, callbacks=[resumed], logger=mlflow_logger(tracking, run_id=logger.run_id))
+    trainer = make_trainer(
+        max_epochs=3, callbacks=[resumed], logger=mlflow_logger(tracking, run_id=logger.run_id)
+    )
     trainer.fit(make_model(seed=1), *loaders, ckpt_path=checkpoints.last_model_path)  # to 45
 
     for (sigma, ema), (_, reference) in zip(resumed.posthoc, straight.posthoc, strict=True):
