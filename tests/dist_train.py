@@ -30,6 +30,7 @@ import mlflow_ema
 from mlflow_ema.checkpoint import init_fingerprint
 
 STEPS, CHECKPOINT_EVERY, DECAY, LR = 12, 5, 0.8, 0.1
+POSTHOC_EVERY = 4  # FSDP2: post-hoc EMA snapshots (sigma_rel 0.05 and 0.10) at steps 4, 8, 12
 
 
 def main() -> None:
@@ -66,6 +67,7 @@ def main() -> None:
         checkpoint_at_end=args.end == "run_end",
         ema_ranks=args.ema_ranks,
         sharded_save_dir=args.parts_dir,
+        posthoc_every_n_steps=POSTHOC_EVERY if args.mode == "fsdp" else None,
     )
 
     import mlflow

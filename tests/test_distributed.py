@@ -18,7 +18,7 @@ from conftest import free_port
 from helpers import digits_batches, logged_models, make_mlp
 from torch import nn
 
-from mlflow_ema import EMA, load_checkpoint
+from mlflow_ema import EMA, PowerFunctionDecay, load_checkpoint
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
@@ -55,12 +55,12 @@ def fetch(model) -> dict[str, torch.Tensor]:
         return load_checkpoint(path).state_dict
 
 
-def reference(steps: int) -> tuple[nn.Module, EMA]:
+def reference(steps: int, decay=None) -> tuple[nn.Module, EMA]:
     """One process, whole global batches: what the two ranks together must reproduce."""
     import dist_train
 
     model = make_mlp(seed=0)
-    ema = EMA(model, decay=dist_train.DECAY)
+    ema = EMA(model, decay=decay or dist_train.DECAY)
     optimizer = torch.optim.SGD(model.parameters(), lr=dist_train.LR, momentum=0.9)
     for x, y in digits_batches(steps):
         loss = nn.functional.cross_entropy(model(x), y)
@@ -105,7 +105,13 @@ def test_fsdp2_keeps_the_ema_of_each_shard_and_checkpoints_the_full_model(tracki
         assert parts.is_dir() and list(parts.iterdir()) == []  # written, merged, removed
     run_id = ranks[0]["run_id"]
     found = checkpoints(run_id)
+    posthoc = {name: found.pop(name) for name in list(found) if name.startswith("posthoc")}
     assert sorted(found) == sorted(f"{k}-step{s}" for k in ("raw", "ema") for s in (5, 10, 12))
+    # post-hoc EMAs: each rank keeps its shards; the snapshots are gathered like checkpoints
+    assert sorted(posthoc) == sorted(f"posthoc{s}-step{n}" for s in ("0_05", "0_1") for n in (4, 8, 12))
+    _, power_ema = reference(8, decay=PowerFunctionDecay(0.1))
+    for name, tensor in power_ema.model_state_dict().items():
+        torch.testing.assert_close(fetch(posthoc["posthoc0_1-step8"])[name], tensor, rtol=1e-5, atol=1e-6)
     for steps in (5, 10, 12):
         model, ema = reference(steps)
         got_ema, got_raw = fetch(found[f"ema-step{steps}"]), fetch(found[f"raw-step{steps}"])
