@@ -243,7 +243,7 @@ def posthoc(as_json: bool, **params: Any) -> None:
     options = PosthocOptions(**values_for(dataclasses.fields(PosthocOptions), params))
     library.check_posthoc(options)  # before the store is touched
     _open_store()
-    result = library.reconstruct(options, progress=progress(as_json))
+    result = library.reconstruct_ema(options, progress=progress(as_json))
     data = []
     for plan in result.reconstructions:
         chosen = plan is result.chosen

@@ -33,7 +33,7 @@ _EXPORTS = {
     "PowerFunctionDecay": "mlflow_ema.schedules",
     "posthoc_coefficients": "mlflow_ema.posthoc_math",
     "PosthocOptions": "mlflow_ema.posthoc_options",
-    "reconstruct": "mlflow_ema.posthoc",
+    "reconstruct_ema": "mlflow_ema.posthoc",
     "Checkpoint": "mlflow_ema.checkpoint",
     "Manifest": "mlflow_ema.checkpoint",
     "save_checkpoint": "mlflow_ema.checkpoint",
@@ -93,7 +93,7 @@ __all__ = [
     "posthoc_coefficients",
     "promote",
     "read_manifest",
-    "reconstruct",
+    "reconstruct_ema",
     "resume",
     "save_checkpoint",
     "swap",
@@ -140,7 +140,7 @@ if TYPE_CHECKING:
         UntrustedCodeError,
     )
     from mlflow_ema.loading import load_checkpoint, load_model, load_state_dict
-    from mlflow_ema.posthoc import reconstruct
+    from mlflow_ema.posthoc import reconstruct_ema
     from mlflow_ema.posthoc_math import posthoc_coefficients
     from mlflow_ema.posthoc_options import PosthocOptions
     from mlflow_ema.registry import promote

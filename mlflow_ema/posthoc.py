@@ -111,7 +111,7 @@ def plan_posthoc(options: PosthocOptions) -> list[Reconstruction]:
     return plans
 
 
-def reconstruct(options: PosthocOptions, *, progress: Progress | None = None) -> PosthocResult:
+def reconstruct_ema(options: PosthocOptions, *, progress: Progress | None = None) -> PosthocResult:
     """Reconstruct, score, log, write and register (see the module docstring)."""
     from mlflow_ema.soup_model import soup_model
     from mlflow_ema.workflow import _download, _scorer

@@ -88,6 +88,6 @@ class PosthocOptions:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if isinstance(self.sigma_rels, str):
-            self.sigma_rels = sigma_rel_list(self.sigma_rels, "--sigma-rel")
-        self.sigma_rels = tuple(float(s) for s in self.sigma_rels)
+        if isinstance(self.sigma_rels, (int, float)):  # one target
+            self.sigma_rels = (self.sigma_rels,)
+        self.sigma_rels = sigma_rel_list(self.sigma_rels, "--sigma-rel")

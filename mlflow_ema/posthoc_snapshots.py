@@ -49,10 +49,12 @@ def find_snapshots(run_id: str, model_name: str | None = None, client: Any = Non
             f"run {run_id} has no READY post-hoc EMA snapshots (train it with "
             "mlflow_ema.autolog(posthoc_every_n_steps=N))"
         )
-    chosen = _of_one_model({run_id: list(candidates.values())}, model_name, names).get(run_id, [])
+    chosen = {
+        c.model_id for c in _of_one_model({run_id: list(candidates.values())}, model_name, names)[run_id]
+    }
     latest: dict[tuple[float, int], PosthocSnapshot] = {}
     for model in models:
-        if model.model_id not in {c.model_id for c in chosen}:
+        if model.model_id not in chosen:
             continue
         snapshot = _snapshot(model, candidates[model.model_id])
         key = (snapshot.sigma_rel, snapshot.step)

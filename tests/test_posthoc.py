@@ -262,8 +262,10 @@ def test_bad_input_to_the_command_is_one_line_and_writes_nothing(cli, phema, arg
 
 
 def test_resume_restores_the_posthoc_emas_exactly(tracking, digits):
-    """A run killed at step 60 and resumed logs the same step-80 snapshots as one that was not."""
-    mlflow_ema.autolog(posthoc_every_n_steps=20, log_training_state=True, checkpoint_every_n_steps=60)
+    """A run killed at step 70 and resumed from its checkpoint at step 40 logs the same
+    step-80 snapshots as one that was not; of the step-60 snapshots it logged twice, the
+    reconstruction uses the later ones."""
+    mlflow_ema.autolog(posthoc_every_n_steps=20, log_training_state=True, checkpoint_every_n_steps=40)
 
     def start():
         model = make_mlp()
@@ -274,12 +276,12 @@ def test_resume_restores_the_posthoc_emas_exactly(tracking, digits):
         train_steps(model, optimizer, digits, 80)
     model, optimizer = start()
     with mlflow.start_run() as killed:
-        train_steps(model, optimizer, digits, 70)  # dies after its checkpoint at step 60
+        train_steps(model, optimizer, digits, 70)  # dies after its checkpoint at step 40
         mlflow.end_run("KILLED")
     model, optimizer = start()
     with mlflow.start_run(run_id=killed.info.run_id):
-        assert mlflow_ema.resume(model, optimizer).step == 60
-        train_steps(model, optimizer, digits, 20, start=60)
+        assert mlflow_ema.resume(model, optimizer).step == 40
+        train_steps(model, optimizer, digits, 40, start=40)
 
     def snapshots(run_id):
         models = [m for m in logged_models(run_id) if m.tags["mlflow_ema.kind"] == "posthoc"]
@@ -292,6 +294,12 @@ def test_resume_restores_the_posthoc_emas_exactly(tracking, digits):
     assert set(resumed) == set(expected)
     for name in ("posthoc0_05-step80", "posthoc0_1-step80"):
         assert all(torch.equal(resumed[name][k], expected[name][k]) for k in expected[name]), name
+    twice = [m for m in logged_models(killed.info.run_id) if m.name == "posthoc0_05-step60"]
+    assert len(twice) == 2
+    (plan,) = json.loads(run_cli("posthoc", "--run", killed.info.run_id, "--sigma-rel", "0.07", "--json"))
+    used = {(c["sigma_rel"], c["step"]): c["model_id"] for c in plan["coefficients"]}
+    latest = max(twice, key=lambda m: m.creation_timestamp).model_id
+    assert len(plan["coefficients"]) == 8 and used[(0.05, 60)] == latest
 
 
 def test_watched_models_snapshots_carry_their_name_and_keep_top_k_keeps_them(tracking, digits):
