@@ -177,7 +177,10 @@ def _checked(
 
 
 def _step(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    """An optimizer step: an int (or an integral float, numpy's included) >= 1."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PosthocError(f"{what} must be an integer >= 1 (optimizer steps), got {value!r}")
+    if not (math.isfinite(value) and float(value).is_integer() and value >= 1):
         raise PosthocError(f"{what} must be an integer >= 1 (optimizer steps), got {value!r}")
     return int(value)
 
