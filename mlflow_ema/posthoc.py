@@ -17,7 +17,8 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +103,27 @@ def plan_posthoc(options: PosthocOptions) -> list[Reconstruction]:
     check_posthoc(options)
     snapshots = find_snapshots(options.run_id, options.model_name)
     step = options.step or max(s.step for s in snapshots)
+    _warn_outside(options.sigma_rels, [s.sigma_rel for s in snapshots])
     plans = []
     for sigma_rel in options.sigma_rels:
-        coefficients = posthoc_coefficients([s.step for s in snapshots], [s.sigma_rel for s in snapshots],
-                                            step, sigma_rel)  # fmt: skip
+        with warnings.catch_warnings():  # said once for all the targets, above
+            warnings.filterwarnings("ignore", message=".*outside the tracked range")
+            coefficients = posthoc_coefficients([s.step for s in snapshots], [s.sigma_rel for s in snapshots],
+                                                step, sigma_rel)  # fmt: skip
         used = [(s, float(c)) for s, c in zip(snapshots, coefficients, strict=True) if s.step <= step]
         plans.append(Reconstruction(sigma_rel, step, used))
     return plans
+
+
+def _warn_outside(targets: Sequence[float], tracked: Sequence[float]) -> None:
+    outside = [t for t in targets if not min(tracked) <= t <= max(tracked)]
+    if outside:
+        warnings.warn(
+            f"mlflow-ema: sigma_rel {', '.join(f'{t:g}' for t in outside)} "
+            f"{'is' if len(outside) == 1 else 'are'} outside the tracked range [{min(tracked):g}, "
+            f"{max(tracked):g}]: the reconstruction is less accurate there",
+            stacklevel=3,
+        )
 
 
 def reconstruct_ema(options: PosthocOptions, *, progress: Progress | None = None) -> PosthocResult:
