@@ -57,8 +57,9 @@ the CPU cache, for one target or the 5 at once) and ``hash_alongside`` (the sha2
 a background thread while the sum runs); and one target with its verification, as the CLI
 does it and with the prototypes.
 
-Run from the repository root (about 2 minutes at the default size, plus 2-5 with
-``--profile``; ``--quick`` for a smoke run of a few seconds)::
+Run from the repository root (on 2 quiet cores about 2.5 minutes at the default size and 3
+more with ``--profile``; several times longer when other processes compete for the cores,
+see the CPU pressure column; ``--quick`` for a smoke run of a few seconds)::
 
     .venv/bin/python benchmarks/posthoc.py [--snapshots 20] [--params-m 25] [--rounds 5] [--profile]
     .venv/bin/python benchmarks/posthoc.py --quick [--profile]
