@@ -141,7 +141,7 @@ def test_fsdp2_keeps_the_ema_of_each_shard_and_checkpoints_the_full_model(tracki
 
 def test_fsdp2_run_end_cannot_gather_alone_and_says_what_is_left_out(tracking, tmp_path):
     ranks = torchrun("fsdp", tmp_path / "out", "--end", "run_end")
-    found = checkpoints(ranks[0]["run_id"])
+    found = {name: m for name, m in checkpoints(ranks[0]["run_id"]).items() if not name.startswith("posthoc")}
     assert sorted(found) == sorted(
         f"{k}-step{s}" for k in ("raw", "ema") for s in (5, 10)
     )  # no hang, no step 12
