@@ -378,7 +378,7 @@ def members_of(tmp_path: Path, limits: list, *, integers: bool = True) -> list[M
 
 
 def test_averaging_members_of_mixed_layouts_is_the_exact_mean(tmp_path, monkeypatch):
-    monkeypatch.setattr(soup_module, "_CHUNK", 64)  # many chunks per tensor
+    monkeypatch.setattr(soup_module, "_SUM_CHUNK", 16)  # many chunks per tensor
     limits = [LIMIT, None, 1000, None]  # sharded first, unsharded, sharded otherwise, unsharded
     members = members_of(tmp_path, limits)
     assert [read_manifest(m.path).sharded for m in members] == [True, False, True, False]

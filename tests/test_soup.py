@@ -21,7 +21,7 @@ def members(tmp_path, states, fingerprints=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weighted_average_in_chunks_matches_the_direct_computation(tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(soup_module, "_CHUNK", 64)  # 64 bytes: many chunks per tensor
+    monkeypatch.setattr(soup_module, "_SUM_CHUNK", 16)  # 16 elements: many chunks per tensor
     g = torch.Generator().manual_seed(0)
     states = [{"w": torch.randn(7, 13, generator=g).to(dtype), "n": torch.tensor(i + 5)} for i in range(3)]
     weights = [0.5, 0.3, 0.2]
