@@ -49,13 +49,12 @@ the rounds: the files were in the page cache (over 99%) before every warm arm an
 (under 5%) before every cold read. With ``--profile``: the prototype's outputs are identical
 to the library's.
 
-With ``--profile``, the weighted sums are then taken apart in rounds of their own (see
-``profile_arms()``): the library with torch's default threads and with one, with 256 KiB
-read chunks, its reads alone and its arithmetic alone; two prototypes written here, not in
-the library: ``one_pass`` (each snapshot chunk read once and added, in chunks that stay in
-the CPU cache, for one target or the 5 at once) and ``hash_alongside`` (the sha256 work in
-a background thread while the sum runs); and one target with its verification, as the CLI
-does it and with the prototypes.
+With ``--profile``, more rounds of their own (see ``profile_arms()``): the library with
+torch's default threads and with one; two prototypes written here, not in the library:
+``one_pass`` for the 5 targets at once (each snapshot chunk read once and added to 5
+accumulators: one read of the snapshots instead of 5, all 5 outputs in memory) and
+``hash_alongside`` (the sha256 work in a background thread while the sum runs); and one
+target with its verification, as the CLI does it.
 
 Run from the repository root (on 2 quiet cores about 2.5 minutes at the default size and 3
 more with ``--profile``; several times longer when other processes compete for the cores,
@@ -93,7 +92,6 @@ import torch
 from _common import print_verdicts  # sibling modules: the scripts run from benchmarks/
 from average import evict, resident_fraction
 
-from mlflow_ema import soup
 from mlflow_ema.checkpoint import WeightsReader, load_checkpoint, save_checkpoint
 from mlflow_ema.posthoc_math import posthoc_coefficients, power_beta, sigma_rel_to_gamma
 from mlflow_ema.soup import Member, average, check_members, normalized_weights
@@ -438,55 +436,6 @@ def with_threads(threads: int, fn: Callable[[], object]) -> Callable[[dict[str, 
     return run
 
 
-def with_chunk(chunk_bytes: int, fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the library's read chunk (``soup._CHUNK``, 4 MiB) set to ``chunk_bytes``."""
-
-    def run() -> object:
-        before, soup._CHUNK = soup._CHUNK, chunk_bytes
-        try:
-            return fn()
-        finally:
-            soup._CHUNK = before
-
-    return run
-
-
-def library_reads(snapshots: list[Snapshot]) -> None:
-    """The reads ``average`` makes, in its order, without the arithmetic: per tensor, the
-    first snapshot's whole, then every other's in ``soup._CHUNK`` chunks into one buffer."""
-    readers = [WeightsReader(s.path) for s in snapshots]
-    try:
-        for name in readers[0].names:
-            first = readers[0].read(name)
-            step = max(1, soup._CHUNK // first.element_size())
-            buffer = torch.empty(min(step, first.numel()), dtype=first.dtype)
-            for r in readers[1:]:
-                for lo in range(0, first.numel(), step):
-                    n = min(step, first.numel() - lo)
-                    r.read(name, lo, n, out=buffer[:n])
-    finally:
-        for r in readers:
-            r.close()
-
-
-def library_arithmetic(state: dict[str, torch.Tensor], weights: list[float]) -> None:
-    """The arithmetic ``average`` does, in its order, without the reads: every snapshot's
-    chunk is the first snapshot's, already in memory (``state``)."""
-    weights = normalized_weights(weights, signed=True)
-    for tensor in state.values():
-        if not tensor.is_floating_point():
-            continue
-        acc = tensor.to(torch.float64).mul_(weights[0])
-        flat, source = acc.view(-1), tensor.view(-1)
-        step = max(1, soup._CHUNK // tensor.element_size())
-        for w in weights[1:]:
-            for lo in range(0, flat.numel(), step):
-                flat[lo : lo + step].add_(source[lo : lo + step], alpha=w)
-        if not all(soup._finite(chunk) for chunk in flat.split(step)):
-            raise RuntimeError("not finite")
-        acc.to(tensor.dtype)
-
-
 def one_pass(snapshots: list[Snapshot], weight_lists: list[list[float]]) -> list[dict[str, torch.Tensor]]:
     """A PROTOTYPE, not the library: every weighted sum of ``weight_lists`` at once, the loops
     swapped. Per tensor, per chunk of PROTOTYPE_CHUNK elements, every snapshot's chunk is read
@@ -554,12 +503,11 @@ def hash_alongside(snapshots: list[Snapshot], fn: Callable[[], object]) -> None:
 
 
 def profile_arms(snapshots: list[Snapshot]) -> dict[str, Arm]:
-    """The weighted sums of ``posthoc`` taken apart (threads, chunk size, reads, arithmetic),
-    the prototypes, and one target with its verification, sequential (as the CLI) or not."""
+    """The weighted sums of ``posthoc`` on torch's threads and on one, the prototypes, and one
+    target with its verification, sequential (as the CLI) or alongside."""
     threads = torch.get_num_threads()
     one = coefficients(snapshots, ONE_TARGET)
     five = [coefficients(snapshots, t) for t in FIVE_TARGETS]
-    state = load_checkpoint(snapshots[0].path).state_dict
 
     def lib_one() -> None:
         weighted_sum(snapshots, one)
@@ -575,26 +523,13 @@ def profile_arms(snapshots: list[Snapshot]) -> dict[str, Arm]:
     return {
         f"1 target: library, {threads} threads": Arm(with_threads(threads, lib_one)),
         "1 target: library, 1 thread": Arm(with_threads(1, lib_one)),
-        "1 target: library, 1 thread, 256 KiB chunks": Arm(with_threads(1, with_chunk(256 << 10, lib_one))),
-        "1 target: its reads alone": Arm(lambda parts: library_reads(snapshots)),
-        f"1 target: its arithmetic alone, {threads} threads": Arm(
-            with_threads(threads, lambda: library_arithmetic(state, one))
-        ),
-        "1 target: its arithmetic alone, 1 thread": Arm(
-            with_threads(1, lambda: library_arithmetic(state, one))
-        ),
-        "1 target: prototype one pass, 1 thread": Arm(with_threads(1, lambda: one_pass(snapshots, [one]))),
         f"5 targets: library, {threads} threads": Arm(with_threads(threads, lib_five)),
-        "5 targets: library, 1 thread": Arm(with_threads(1, lib_five)),
         "5 targets: prototype one pass, 1 thread": Arm(with_threads(1, lambda: one_pass(snapshots, five))),
         f"1 target + verify: check_members, then the sum ({threads} threads; the CLI)": Arm(
             with_threads(threads, verify_then_sum)
         ),
         "1 target + verify: prototype, sha256 thread alongside the sum (1 thread)": Arm(
             with_threads(1, lambda: hash_alongside(snapshots, lib_one))
-        ),
-        "1 target + verify: prototype, sha256 thread alongside one pass (1 thread)": Arm(
-            with_threads(1, lambda: hash_alongside(snapshots, lambda: one_pass(snapshots, [one])))
         ),
     }
 
