@@ -599,9 +599,8 @@ def print_profile(runs: dict[str, list[Run]], read: float, total_bytes: int, sna
     print(f"\n### --profile: the weighted sums taken apart ({rounds} rounds; no verification unless named)\n")
     print_arms(runs, read, total_bytes, snapshot_bytes)
     print(
-        "\n(/ read: against the warm read of the main rounds. 'its reads alone' and 'its arithmetic alone' "
-        "split the library's weighted sum; 'prototype': this script's loops (one_pass, hash_alongside), "
-        "not the library.)"
+        "\n(/ read: against the warm read of the main rounds. 'prototype': this script's loops (one_pass, "
+        "hash_alongside), not the library.)"
     )
 
 

@@ -141,11 +141,11 @@ def reconstruct_ema(options: PosthocOptions, *, progress: Progress | None = None
         members = _download([s.candidate for s in needed], [1.0] * len(needed), Path(tmp), progress)
         by_id = dict(zip((s.model_id for s in needed), members, strict=True))
         manifests = check_members(members)  # every file's sha256, once, before any arithmetic
-        best_state = _combine_all(options, result, by_id, score, Path(tmp), progress)
+        best_state = _combine_all(options, result, by_id, score, progress)
         result.chosen = _choose(result.reconstructions, options.mode)
         extras = SoupExtras(log=lambda folder: log_curve(options, result, folder))
         if options.register_as and result.chosen is not None:
-            result.registered = _register(options, result, best_state, by_id, manifests, needed, soup, extras)
+            result.registered = _register(options, result, best_state, manifests, needed, soup, extras)
             result.run_id = result.registered.run_id
         else:
             result.run_id = _log_run(options, result, needed[0].candidate.run_id, extras, Path(tmp))
@@ -163,14 +163,13 @@ def _combine_all(
     result: PosthocResult,
     by_id: dict[str, Member],
     score: Callable[[dict], float] | None,
-    tmp: Path,
     progress: Progress | None,
 ) -> dict[str, torch.Tensor] | None:
     """Every reconstruction, scored and written (into a temporary folder renamed to
     ``output`` at the end); returns the state dict of the one to register."""
     staging = _staging_folder(options.output) if options.output else None
-    keep: dict[str, torch.Tensor] | None = None
-    best: float | None = None
+    keep: dict[str, torch.Tensor] | None = None  # the state to register: the first best, as _choose picks
+    kept_score: float | None = None
     try:
         for i, plan in enumerate(result.reconstructions):
             members = [
@@ -184,8 +183,8 @@ def _combine_all(
                 )
                 _save(folder, state, plan, manifests[0].init_fingerprint, options)
                 plan.output = str(Path(options.output) / folder.relative_to(staging))
-            if options.register_as and (best is None or _better(plan.score, best, options.mode)):
-                keep, best = state, plan.score if plan.score is not None else 0.0
+            if options.register_as and (keep is None or _better(plan.score, kept_score, options.mode)):
+                keep, kept_score = state, plan.score
             if progress:
                 progress("reconstructing", i + 1, len(result.reconstructions))
         if staging is not None:
@@ -214,8 +213,8 @@ def _save(
                     max_shard_size=options.max_shard_size)  # fmt: skip
 
 
-def _better(value: float | None, best: float, mode: str) -> bool:
-    if value is None:
+def _better(value: float | None, best: float | None, mode: str) -> bool:
+    if value is None or best is None:
         return False
     return value > best if mode == "max" else value < best
 
@@ -237,7 +236,17 @@ def _as_average_options(options: PosthocOptions) -> AverageOptions:
                           trust_modules=tuple(options.trust_modules))  # fmt: skip
 
 
-def _register(options, result, state, by_id, manifests, needed, soup, extras) -> RegisteredSoup:
+def _register(
+    options: PosthocOptions,
+    result: PosthocResult,
+    state: dict[str, torch.Tensor],
+    manifests: list[Any],
+    needed: list[PosthocSnapshot],
+    soup: Any,
+    extras: SoupExtras,
+) -> RegisteredSoup:
+    """The chosen reconstruction as a version of ``register_as``, its snapshots and
+    coefficients in ``mlflow_ema.sources``, its ``sigma_rel`` as a tag."""
     import mlflow
 
     from mlflow_ema.registry import soup_experiment_id
