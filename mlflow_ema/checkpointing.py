@@ -104,12 +104,12 @@ class Checkpoints:
         posthoc = w.posthoc
         if posthoc is None or posthoc.step == 0 or posthoc.last_snapshot_step == posthoc.step:
             return False
-        posthoc.last_snapshot_step = posthoc.step  # alike on every rank
         states = None
+        if w.sharded and run is not None:  # a run ending on rank 0 alone: the others cannot join a gather
+            self._warn_sharded_end(w)
+            return False
+        posthoc.last_snapshot_step = posthoc.step  # alike on every rank
         if w.sharded:
-            if run is not None:  # a run ending on rank 0 alone: the other ranks cannot join a gather
-                self._warn_sharded_end(w)
-                return False
             go, _ = BOUNDARY.prepare(SHARDED, lambda: None)
             states = (
                 BOUNDARY.call(SHARDED, gather_posthoc, w.model, [ema for _, ema in posthoc]) if go else None
