@@ -25,7 +25,7 @@ be shared and noisy.
 
 Run from the repository root (about 1-2 minutes; ``--quick`` for a short smoke run)::
 
-    .venv/bin/python benchmarks/ema_update.py [--rounds 20] [--quick]
+    .venv/bin/python benchmarks/ema_update.py [--rounds 20] [--quick] [--device cuda]
 
 Exits with status 1 if a sanity check or a target fails.
 """
@@ -185,10 +185,18 @@ def check_same_work(model: nn.Module, methods: list[Method], updates: int = 3) -
         )
 
 
+def _synchronize() -> None:
+    """Wait for queued CUDA kernels (a no-op on CPU): a GPU update is timed when it is done."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds_per_call(step: Callable[[], object], calls: int) -> float:
+    _synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         step()
+    _synchronize()
     return (time.perf_counter() - start) / calls
 
 
@@ -256,16 +264,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
     parser.add_argument("--quick", action="store_true", help="5 short rounds: a smoke run, not a measurement")
+    parser.add_argument(
+        "--device", default="cpu", help="where the models and EMAs live, e.g. cuda (default cpu)"
+    )
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     rounds, round_ms = (5, 30.0) if args.quick else (args.rounds, 100.0)
 
     torch.manual_seed(0)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds of ~{round_ms:.0f} ms"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+        f"{rounds} rounds of ~{round_ms:.0f} ms"
     )
     with torch.no_grad():
-        wide = bench("(a) wide: Linear + LayerNorm", wide_model(), rounds, round_ms)
-        many = bench("(b) many tensors: Conv2d + BatchNorm2d", many_tensor_model(), rounds, round_ms)
+        wide = bench("(a) wide: Linear + LayerNorm", wide_model().to(device), rounds, round_ms)
+        many = bench(
+            "(b) many tensors: Conv2d + BatchNorm2d", many_tensor_model().to(device), rounds, round_ms
+        )
 
     results = targets(wide, many)
     for line, ok in results:
