@@ -14,6 +14,7 @@ from mlflow_ema._version import __version__
 _EXPORTS = {
     "AverageOptions": "mlflow_ema.average_options",
     "average_runs": "mlflow_ema.workflow",
+    "average_checkpoints": "mlflow_ema.soup",
     "promote": "mlflow_ema.registry",
     "autolog": "mlflow_ema.tracking",
     "watch": "mlflow_ema.tracking",
@@ -81,6 +82,7 @@ __all__ = [
     "WarmupDecay",
     "__version__",
     "autolog",
+    "average_checkpoints",
     "average_runs",
     "flush",
     "get_ema",
@@ -152,5 +154,6 @@ if TYPE_CHECKING:
         RampDecay,
         WarmupDecay,
     )
+    from mlflow_ema.soup import average_checkpoints
     from mlflow_ema.tracking import ResumeInfo, autolog, flush, get_ema, log_checkpoint, resume, swap, watch
     from mlflow_ema.workflow import AverageOptions, average_runs

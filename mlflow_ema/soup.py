@@ -28,12 +28,14 @@ import torch
 
 from mlflow_ema.checkpoint import (
     _DTYPES,
+    DEFAULT_MAX_SHARD_SIZE,
     Manifest,
     WeightsReader,
     _finite,
     check_file,
     parallel_map,
     read_manifest,
+    save_checkpoint,
 )
 from mlflow_ema.errors import AveragingError, CheckpointError
 
@@ -137,6 +139,58 @@ def average(
     for alias, target in manifests[0].aliases.items():
         out[alias] = out[target]
     return out, manifests
+
+
+_DTYPES_BY_NAME = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
+}  # fmt: skip
+
+
+def average_checkpoints(
+    paths: Sequence[str | os.PathLike],
+    output: str | os.PathLike | None = None,
+    weights: Sequence[float] | None = None,
+    *,
+    accumulate: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
+    allow_different_init: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The weighted average of local checkpoint folders, without MLflow; written to
+    ``output`` as a checkpoint (kind ``soup``) when given. Returns the averaged state dict.
+
+    ``weights`` (default: equal) are divided by their sum and may be negative (post-hoc
+    EMA's coefficients), as long as the sum is positive. Tensors are summed in
+    ``accumulate`` (``"float32"`` or ``"float64"``) and written in the inputs' dtype unless
+    ``dtype``. Before any arithmetic every member is verified (sha256 of every file, tensor
+    names, shapes and dtypes, init fingerprint unless ``allow_different_init``, finite
+    weights); ``output`` is written into a temporary folder beside it and renamed into place
+    when complete, and an existing ``output`` is refused before any work.
+    """
+    paths = [Path(p) for p in paths]
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise AveragingError(f"{len(weights)} weights for {len(paths)} checkpoints: give one per checkpoint")
+    if output is not None and (Path(output).exists() or Path(output).is_symlink()):
+        raise AveragingError(f"output {output} already exists: give a new folder (nothing is overwritten)")
+    members = [Member(p, w) for p, w in zip(paths, weights, strict=True)]
+    state, manifests = average(members, accumulate=_dtype(accumulate, "accumulate"),
+                               dtype=_dtype(dtype, "dtype") if dtype is not None else None,
+                               allow_different_init=allow_different_init, signed=True)  # fmt: skip
+    if output is not None:
+        fingerprints = {m.init_fingerprint for m in manifests}
+        metadata = {"members": [str(p) for p in paths], "weights": normalized_weights(weights, signed=True)}
+        save_checkpoint(Path(output), state, kind="soup", metadata=metadata, max_shard_size=max_shard_size,
+                        init_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None)  # fmt: skip
+    return state
+
+
+def _dtype(value: str | torch.dtype, what: str) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if value in _DTYPES_BY_NAME:
+        return _DTYPES_BY_NAME[value]
+    raise AveragingError(f"{what} must be one of {', '.join(_DTYPES_BY_NAME)}, got {value!r}")
 
 
 def _check_layouts(readers: list[WeightsReader], manifests: list[Manifest]) -> list[str]:

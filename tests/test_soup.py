@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mlflow_ema
 from mlflow_ema import save_checkpoint
 from mlflow_ema import soup as soup_module
 from mlflow_ema.soup import AveragingError, Member, average
@@ -80,3 +81,41 @@ def test_greedy_soup_keeps_a_member_only_when_the_score_does_not_drop(tmp_path):
     assert tried == [("member 0", True), ("member 1", False), ("member 2", True)]
     assert [m.label for m in kept] == ["member 0", "member 2"]
     assert torch.equal(soup["w"], torch.full((2,), 1.0)) and best == 0.0
+
+
+# -- mlflow_ema.average_checkpoints: local folders, no MLflow ---------------------------------------
+
+
+def test_average_checkpoints_of_local_folders_returns_or_writes_the_weighted_mean(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    states = [{"w": torch.randn(5, 3, generator=g), "n": torch.tensor(i)} for i in range(3)]
+    paths = [m.path for m in members(tmp_path, states)]
+    mean = mlflow_ema.average_checkpoints(paths)  # in memory, uniform
+    torch.testing.assert_close(mean["w"], sum(s["w"] for s in states) / 3)
+    signed = mlflow_ema.average_checkpoints(
+        paths, tmp_path / "out", [1.5, -0.25, -0.25], accumulate="float64"
+    )
+    torch.testing.assert_close(signed["w"], 1.5 * states[0]["w"] - 0.25 * (states[1]["w"] + states[2]["w"]))
+    written, manifest = mlflow_ema.load_checkpoint(tmp_path / "out")
+    assert torch.equal(written["w"], signed["w"]) and torch.equal(written["n"], states[0]["n"])
+    assert manifest.kind == "soup" and manifest.metadata["weights"] == [1.5, -0.25, -0.25]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p, out: mlflow_ema.average_checkpoints(p, out, [1.0]), "1 weights for 2 checkpoints"),
+        (lambda p, out: mlflow_ema.average_checkpoints(p, out, [1.0, -1.0]), "with a positive sum"),
+        (lambda p, out: mlflow_ema.average_checkpoints(p, p[0]), "already exists"),
+        (
+            lambda p, out: mlflow_ema.average_checkpoints(p, out, accumulate="int8"),
+            "accumulate must be one of",
+        ),
+    ],
+)
+def test_average_checkpoints_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, call, message):
+    paths = [m.path for m in members(tmp_path, [{"w": torch.ones(2)}, {"w": torch.zeros(2)}])]
+    with pytest.raises(mlflow_ema.AveragingError, match=None) as error:
+        call(paths, tmp_path / "out")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
