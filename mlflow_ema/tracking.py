@@ -81,6 +81,11 @@ def autolog(*, disable: bool = False, silent: bool = False, **options: Any) -> N
         decay: the EMA decay or schedule (default ``WarmupDecay(0.9999, power=3/4)``,
             which suits runs from a few hundred steps to ~100k).
         update_every, start_step, ema_dtype, ema_device: as for :class:`mlflow_ema.EMA`.
+        posthoc_every_n_steps, posthoc_sigma_rels: post-hoc EMA: keep one power-function EMA
+            per ``sigma_rel`` (default 0.05 and 0.10; fp32 unless ``ema_dtype``, updated at every
+            optimizer step) and log a snapshot of each (``posthoc<sigma_rel>-step<N>``) every N
+            optimizer steps and when the run ends, so that ``mlflow-ema posthoc`` can choose the
+            EMA length after training (README, "Post-hoc EMA"). Default: off.
         checkpoint_every_n_steps: also checkpoint every N optimizer steps.
         checkpoint_every_n_epochs: also checkpoint every N epochs (an epoch ends when a
             ``DataLoader`` the optimizer stepped over is exhausted; Lightning: its epochs).
