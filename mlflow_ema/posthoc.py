@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mlflow_ema.average_options import AverageOptions
+from mlflow_ema.average_options import AverageOptions, check_choices
 from mlflow_ema.checkpoint import save_checkpoint
 from mlflow_ema.errors import MlflowEmaError
 from mlflow_ema.posthoc_math import check_sigma_rel, posthoc_coefficients
@@ -91,8 +91,7 @@ def check_posthoc(options: PosthocOptions) -> None:
         check_alias(options.alias, option="--alias")
     if options.output:
         check_new_folder(options.output, option="--output")
-    if options.mode not in ("max", "min"):
-        raise MlflowEmaError(f"--mode must be max or min, got {options.mode!r}")
+    check_choices(options)  # --mode, as average checks its choices
     if options.model_kwargs is not None and not isinstance(options.model_kwargs, dict):
         raise MlflowEmaError("--model-kwargs must be a JSON object of keyword arguments")
     trusted_prefixes(options.trust_modules)
