@@ -64,11 +64,36 @@ def rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+# MLflow's ActiveRun object of the run last resolved, and that run. Holding the object keeps
+# its identity unique: while the same object is the active run, it is the same run.
+_resolved: tuple[Any, Run] | None = None
+
+
 def active_run() -> Run | None:
+    """This thread's active MLflow run and the tracking URI, resolved once per run: called
+    at every optimizer step, it costs one thread-local lookup (``mlflow.active_run()``, the
+    ActiveRun object ``start_run`` pushed) and an identity check. A run started or ended
+    between two steps, nested or in another thread, is another object, resolved anew."""
+    global _resolved
     import mlflow
 
     run = mlflow.active_run()
-    return (run.info.run_id, mlflow.get_tracking_uri()) if run else None
+    if run is None:
+        return None
+    resolved = _resolved
+    if resolved is not None and resolved[0] is run:
+        return resolved[1]
+    found = (run.info.run_id, mlflow.get_tracking_uri())
+    _resolved = (run, found)
+    return found
+
+
+def forget_run(run_id: str) -> None:
+    """The run ``run_id`` ends: let go of its ActiveRun object."""
+    global _resolved
+    resolved = _resolved
+    if resolved is not None and resolved[1][0] == run_id:
+        _resolved = None
 
 
 class Checkpoints:

@@ -12,6 +12,7 @@ import logging
 import warnings
 from typing import TYPE_CHECKING
 
+from mlflow_ema.checkpointing import forget_run
 from mlflow_ema.tags import RUN_TAG_UPLOAD_FAILURES
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ _logger = logging.getLogger("mlflow_ema")
 def end_of_run(session: Session, run_id: str, status: str | None, tracking_uri: str) -> None:
     """Last checkpoint (``checkpoint_at_end``, a successful run) and post-hoc snapshots, then
     every checkpoint of the run uploaded, ``keep_top_k`` applied and failures reported."""
+    forget_run(run_id)  # MLflow has taken it off its stack already: release its ActiveRun object
     finished = status in (None, "FINISHED")
     for w in list(session.watched):
         if w.run_id != run_id or not finished or w.driver == "lightning":  # the callback ends its own
