@@ -24,7 +24,8 @@ Tied weights (one tensor under several names, which safetensors refuses to
 store twice) are stored once; the manifest's ``aliases`` maps every other name
 to the stored one and loading restores them as one shared tensor.
 
-Writing uses ``safetensors.torch.save_file``. Every read of a safetensors file, by
+Writing uses :func:`mlflow_ema.safetensors_writer.write_safetensors`: the bytes
+``safetensors.torch.save_file`` writes, hashed while they are written. Every read of a safetensors file, by
 :func:`load_checkpoint`, the averaging (:class:`WeightsReader`) and the merge of FSDP2
 ranks' parts (:func:`iter_tensors`), goes through one reader, :class:`_SafetensorsFile`:
 its header is bounded and checked before anything is allocated (see there for why not
@@ -50,10 +51,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from mlflow_ema._version import __version__
 from mlflow_ema.errors import CheckpointError, ChecksumMismatchError
+from mlflow_ema.safetensors_writer import write_safetensors
 from mlflow_ema.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 FORMAT = "mlflow-ema-checkpoint"
@@ -350,11 +351,10 @@ def _write_weights(
     for i, names in enumerate(shards, 1):
         name = WEIGHTS_FILE if len(shards) == 1 else SHARD_FILE.format(i, len(shards))
         shard = {n: _cpu_copy(tensors[n]) for n in names}  # one shard on the CPU at a time
-        # one metadata key: safetensors writes them in hash order, and files would differ run to run
-        save_file(shard, staging / name, metadata={"format": "pt"})
+        # one metadata key, as safetensors writes several in hash order (files would differ run to run)
+        files[name] = write_safetensors(staging / name, shard, metadata={"format": "pt"})
         all_finite = all_finite and all(_finite(t) for t in shard.values())
         del shard
-        files[name] = _file_digest(staging / name)
         weight_map.update(dict.fromkeys(names, name))
     if len(shards) > 1:
         total = sum(_nbytes(t) for t in tensors.values())
@@ -423,6 +423,12 @@ def load_training_state(path: str | os.PathLike, *, verify: bool = True) -> dict
 
 def check_file(file: Path, expected: Mapping[str, Any]) -> None:
     """``file`` exists and has the size and sha256 the manifest records."""
+    check_size(file, expected)
+    check_digest(file, expected, _file_digest(file)["sha256"])
+
+
+def check_size(file: Path, expected: Mapping[str, Any]) -> None:
+    """``file`` exists and has the size the manifest records (a cheap first check)."""
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
     size = file.stat().st_size
@@ -430,7 +436,10 @@ def check_file(file: Path, expected: Mapping[str, Any]) -> None:
         raise CheckpointError(
             f"{file} has {size} bytes, the manifest records {expected['bytes']}: truncated or replaced"
         )
-    actual = _file_digest(file)["sha256"]
+
+
+def check_digest(file: Path, expected: Mapping[str, Any], actual: str) -> None:
+    """``actual``, the sha256 of ``file``, is the one the manifest records."""
     if actual != expected["sha256"]:
         raise ChecksumMismatchError(
             f"{file} sha256 {actual[:12]}... does not match the manifest's "
@@ -487,7 +496,7 @@ class _SafetensorsFile:
     def __init__(self, file: Path) -> None:
         self.file = file
         self._fd: int | None = None
-        self.entries, self._base = _read_header(file)  # name -> {"dtype", "shape", "data_offsets"}
+        self.entries, self.base = _read_header(file)  # name -> {"dtype", "shape", "data_offsets"}
 
     def in_file_order(self) -> list[str]:
         """The tensor names in the order of their data in the file (as ``load_file`` reads)."""
@@ -517,7 +526,7 @@ class _SafetensorsFile:
                 self._fd = os.open(self.file, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointError(f"{label}: cannot open {self.file.name} ({e})") from None
-        done, offset = 0, self._base + start + first * size
+        done, offset = 0, self.base + start + first * size
         while done < count * size:
             n = os.preadv(self._fd, [view[done:]], offset + done)
             if n <= 0:
@@ -647,6 +656,18 @@ class WeightsReader:
     def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
         """The safetensors dtype (``"F32"``...) and the shape of tensor ``name``."""
         return self._where[name].spec(name)
+
+    def in_file_order(self) -> list[str]:
+        """The tensor names, file by file, in the order of their data: reading them so is
+        sequential."""
+        return [name for f in self.files.values() for name in f.in_file_order()]
+
+    def locate(self, name: str, first: int = 0) -> tuple[str, int]:
+        """The file holding tensor ``name`` (its name in the folder) and the byte offset of
+        its element ``first`` there."""
+        f = self._where[name]
+        entry = f.entries[name]
+        return f.file.name, f.base + entry["data_offsets"][0] + first * _ITEMSIZE[entry["dtype"]]
 
     def read(
         self, name: str, first: int = 0, count: int | None = None, out: torch.Tensor | None = None

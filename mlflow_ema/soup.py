@@ -32,11 +32,15 @@ from mlflow_ema.checkpoint import (
     Manifest,
     WeightsReader,
     _finite,
+    check_digest,
     check_file,
+    check_size,
     parallel_map,
     read_manifest,
     save_checkpoint,
+    weight_files,
 )
+from mlflow_ema.digests import MemberReads
 from mlflow_ema.errors import AveragingError, CheckpointError
 
 # Elements summed at a time: 256 KiB of fp64 accumulator stays in the CPU cache, and torch
@@ -120,25 +124,79 @@ def average(
     """The weighted average of the members' tensors (weights normalized to sum to 1; with
     ``signed``, some may be negative), keyed as their state dicts, with tied weights
     restored from the first manifest's aliases; and the members' manifests.
-    ``progress(done, total)`` is called per tensor."""
-    manifests = check_members(members, allow_different_init=allow_different_init, verify=verify)
+    ``progress(done, total)`` is called per tensor. With ``verify``, each weight file's
+    sha256 is computed from the bytes the averaging reads (:mod:`mlflow_ema.digests`) and
+    checked before the average is returned; every other file is checked first."""
+    manifests = check_members(members, allow_different_init=allow_different_init, verify=False)
+    if verify:
+        _check_before_reading(members, manifests)
     weights = normalized_weights([m.weight for m in members], signed=signed)
+    try:
+        out = _stream(members, manifests, weights, accumulate, dtype, verify, progress)
+    except (CheckpointError, AveragingError):
+        if verify:  # a corrupt file reads as garbage: its checksum is the error to report
+            _check_files(members, manifests, weight_files_only=True)
+        raise
+    for alias, target in manifests[0].aliases.items():
+        out[alias] = out[target]
+    return out, manifests
+
+
+def _check_before_reading(members: Sequence[Member], manifests: list[Manifest]) -> None:
+    """Every file's size, and the sha256 of the files the averaging does not read whole
+    (a sharded member's index, a training state), in parallel."""
+    jobs = [(m, name, expected) for m, manifest in zip(members, manifests, strict=True)
+            for name, expected in manifest.files.items()]  # fmt: skip
+    parallel_map(lambda job: _as_member(job[0], check_size, job[0].path / job[1], job[2]), jobs)
+    _check_files(members, manifests, weight_files_only=False)
+
+
+def _check_files(members: Sequence[Member], manifests: list[Manifest], *, weight_files_only: bool) -> None:
+    """The sha256 of the members' weight files (``weight_files_only``) or of their other files."""
+    jobs = [(m, name, expected) for m, manifest in zip(members, manifests, strict=True)
+            for name, expected in manifest.files.items()
+            if (name in weight_files(manifest)) == weight_files_only]  # fmt: skip
+    parallel_map(lambda job: _as_member(job[0], check_file, job[0].path / job[1], job[2]), jobs)
+
+
+def _stream(
+    members: Sequence[Member],
+    manifests: list[Manifest],
+    weights: list[float],
+    accumulate: torch.dtype,
+    dtype: torch.dtype | None,
+    verify: bool,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, torch.Tensor]:
+    """The averaged tensors, read in the first member's file order (sequential reads), then
+    the weight files' digests checked against the manifests."""
     readers: list[WeightsReader] = []
+    reads: MemberReads | None = None
     try:
         for m, manifest in zip(members, manifests, strict=True):
             readers.append(_as_member(m, WeightsReader, m.path, manifest, label=m.name))
         names = _check_layouts(readers, manifests)
+        reads = MemberReads(readers, verify=verify, chunk_bytes=_SUM_CHUNK * 8)
         out: dict[str, torch.Tensor] = {}
-        for done, name in enumerate(names, 1):
-            out[name] = _average_one(name, readers, weights, accumulate, dtype)
+        for done, name in enumerate(readers[0].in_file_order(), 1):
+            out[name] = _average_one(name, reads, weights, accumulate, dtype)
             if progress is not None:
                 progress(done, len(names))
+        if verify:
+            reads.finish()
+            jobs = [(j, file, manifest.files[file]) for j, manifest in enumerate(manifests)
+                    for file in weight_files(manifest)]  # fmt: skip
+            parallel_map(lambda job: _check_digest(members[job[0]], reads, *job), jobs)
     finally:
         for r in readers:
             r.close()
-    for alias, target in manifests[0].aliases.items():
-        out[alias] = out[target]
-    return out, manifests
+        if reads is not None:
+            reads.close()
+    return {name: out[name] for name in names}
+
+
+def _check_digest(member: Member, reads: MemberReads, index: int, file: str, expected: dict) -> None:
+    _as_member(member, check_digest, member.path / file, expected, reads.hexdigest(index, file))
 
 
 _DTYPES_BY_NAME = {
@@ -223,7 +281,7 @@ def _check_layouts(readers: list[WeightsReader], manifests: list[Manifest]) -> l
 
 def _average_one(
     name: str,
-    readers: list[WeightsReader],
+    reads: MemberReads,
     weights: list[float],
     accumulate: torch.dtype,
     dtype: torch.dtype | None,
@@ -232,20 +290,21 @@ def _average_one(
     small accumulator that stays in the CPU cache (and on one thread: a chunk is below
     torch's parallel grain), then cast into the output. Element by element the same
     operations, in the same order, as summing whole tensors member by member."""
-    code, shape = readers[0].spec(name)
+    first = reads.readers[0]
+    code, shape = first.spec(name)
     kind = _DTYPES.get(code)
     if kind is None or not kind.is_floating_point:  # integer buffers: the best-ranked member's,
-        return readers[0].read(name)  # never divided (an unreadable dtype: read() says so)
+        return first.read(name)  # never divided (an unreadable dtype: read() says so)
     numel = math.prod(shape)
     out = torch.empty(numel, dtype=dtype or kind)
     acc = torch.empty(min(_SUM_CHUNK, numel), dtype=accumulate)
-    buffer = torch.empty(min(_SUM_CHUNK, numel), dtype=kind)
     for lo in range(0, numel, _SUM_CHUNK):
         n = min(_SUM_CHUNK, numel - lo)
         chunk = acc[:n]
-        chunk.copy_(readers[0].read(name, lo, n, out=buffer[:n])).mul_(weights[0])
-        for r, w in zip(readers[1:], weights[1:], strict=True):
-            chunk.add_(r.read(name, lo, n, out=buffer[:n]), alpha=w)
+        chunk.copy_(reads.read(0, name, lo, n, kind)).mul_(weights[0])
+        for j in range(1, len(weights)):
+            chunk.add_(reads.read(j, name, lo, n, kind), alpha=weights[j])
+        reads.chunk_done()
         if not _finite(chunk):
             raise AveragingError(f"the average of {name!r} is not finite")
         out[lo : lo + n].copy_(chunk)

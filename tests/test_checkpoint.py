@@ -193,10 +193,11 @@ def test_existing_destination_is_never_overwritten(tmp_path):
 
 
 def test_a_crash_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
-    def crash(*args, **kwargs):
+    def crash(file, tensors, metadata=None):
+        file.write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module, "_file_digest", crash)
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path / "c", {"w": torch.ones(2)}, kind="raw")
     assert list(tmp_path.iterdir()) == []
@@ -208,3 +209,39 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(TypeError, match="not a tensor"):
         save_checkpoint(tmp_path / "c", {"w": [1.0]}, kind="raw")
     assert not (tmp_path / "c").exists()
+
+
+def test_the_writer_writes_the_bytes_save_file_writes_and_their_sha256(tmp_path, monkeypatch):
+    """Checkpoints are written and hashed in one pass; the file is the one safetensors'
+    save_file writes (dtype order, names sorted, odd names, scalars, empty tensors, padding)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from mlflow_ema import safetensors_writer
+
+    monkeypatch.setattr(safetensors_writer, "_BLOCK", 64)  # many blocks a tensor
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for i, dtype in enumerate(safetensors_writer._LAYOUT_ORDER):
+        values = torch.randn(4, 33, generator=g) * 3
+        tensors[f"layer.{9 - i}.w"] = (
+            values.to(dtype) if dtype != torch.complex64 else torch.complex(values, values)
+        )
+    tensors.update({'a "quoted"\\name': torch.ones(()), "é\nü": torch.zeros(0, 5), "Z": torch.arange(7)})
+    for metadata in ({"format": "pt"}, None):
+        ours, theirs = tmp_path / f"ours-{metadata}", tmp_path / f"theirs-{metadata}"
+        written = safetensors_writer.write_safetensors(ours, tensors, metadata=metadata)
+        save_file(tensors, theirs, metadata=metadata)
+        assert ours.read_bytes() == theirs.read_bytes()
+        assert written == {
+            "sha256": hashlib.sha256(ours.read_bytes()).hexdigest(),
+            "bytes": ours.stat().st_size,
+        }
+    loaded = load_file(tmp_path / "ours-None")
+    assert all(
+        torch.equal(loaded[k].view(-1).view(torch.uint8), v.view(-1).view(torch.uint8))
+        for k, v in tensors.items()
+    )
+    with pytest.raises(FileExistsError):  # never overwrites
+        safetensors_writer.write_safetensors(tmp_path / "ours-None", tensors)

@@ -221,15 +221,15 @@ def test_each_write_holds_one_shard_of_cpu_tensors(tmp_path, monkeypatch):
     to the CPU and clones of views are made per shard, so writing needs about one shard of
     memory beyond the state dict. (benchmarks/average.py measures the RSS.)"""
     calls = []
-    write = checkpoint_module.save_file
+    write = checkpoint_module.write_safetensors
 
-    def recording(tensors, file, metadata):
+    def recording(file, tensors, metadata):
         calls.append(
             (Path(file).name, sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors))
         )
-        return write(tensors, file, metadata=metadata)
+        return write(file, tensors, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint_module, "save_file", recording)
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", recording)
     manifest = save(tmp_path / "c", model_state())
     assert [name for name, _, _ in calls] == weight_files(manifest)
     assert all(size <= LIMIT or count == 1 for _, size, count in calls), calls

@@ -119,3 +119,53 @@ def test_average_checkpoints_refuses_bad_input_in_one_line_and_writes_nothing(tm
         call(paths, tmp_path / "out")
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+# -- verification while averaging: every byte of every member is hashed once -----------------------
+
+
+def _flip_byte(file, offset):
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x01  # a float stays a finite float: only the checksum can tell
+    file.write_bytes(bytes(data))
+
+
+def _offset_of(checkpoint, name, element=0):
+    from mlflow_ema.checkpoint import WeightsReader
+
+    with WeightsReader(checkpoint) as reader:
+        file, offset = reader.locate(name, element)
+    return checkpoint / file, offset
+
+
+@pytest.mark.parametrize(
+    ("member", "where"),
+    [
+        (2, lambda path: _offset_of(path, "w", 40)),  # summed data, past several chunks
+        (1, lambda path: _offset_of(path, "n")),  # an integer buffer: taken from member 0, never read here
+        (1, lambda path: (path / "model.safetensors", 20)),  # the header
+        (0, lambda path: _offset_of(path, "v", 3)),  # a member read in another layout (sharded)
+    ],
+    ids=["summed-data", "unread-buffer", "header", "other-layout"],
+)
+def test_a_corrupt_byte_anywhere_in_a_member_is_refused_and_nothing_is_written(
+    tmp_path, monkeypatch, member, where
+):
+    monkeypatch.setattr(soup_module, "_SUM_CHUNK", 16)  # many chunks: the buffers alternate
+    g = torch.Generator().manual_seed(2)
+    states = [{"w": torch.randn(9, 11, generator=g), "v": torch.randn(50, generator=g), "n": torch.tensor(i)}
+              for i in range(3)]  # fmt: skip
+    for i, state in enumerate(states):  # member 0 sharded, one tensor a file: read out of its file order
+        save_checkpoint(tmp_path / f"m{i}", state, kind="ema", init_fingerprint="same",
+                        max_shard_size=100 if i == 0 else None)  # fmt: skip
+    paths = [tmp_path / f"m{i}" for i in range(3)]
+    assert mlflow_ema.average_checkpoints(paths)["w"].shape == (9, 11)  # intact: accepted
+    _flip_byte(*where(paths[member]))
+    with pytest.raises(mlflow_ema.ChecksumMismatchError, match="does not match the manifest") as error:
+        mlflow_ema.average_checkpoints(paths, tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m0",
+        "m1",
+        "m2",
+    ]
