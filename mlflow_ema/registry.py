@@ -248,15 +248,30 @@ def _log_soup(
     if soup_value is not None:
         mlflow.log_metric(metric, soup_value)
     fingerprints = {m.init_fingerprint for _, _, m in members}
-    manifest = save_checkpoint(tmp / "soup", state_dict, kind="soup",
+    store = _local_artifact_dir()
+    # A local store gets the checkpoint written in place (staged, then renamed: never half-written),
+    # not written to tmp and copied: the weights are written once, not twice.
+    manifest = save_checkpoint((store or tmp) / "soup", state_dict, kind="soup",
                                init_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,
                                metadata={"strategy": strategy, "sources": sources}, max_shard_size=max_shard_size)  # fmt: skip
-    mlflow.log_artifacts(str(tmp / "soup"), artifact_path="soup")
+    if store is None:
+        mlflow.log_artifacts(str(tmp / "soup"), artifact_path="soup")
     if extras.log is not None:
         extras.log(tmp)
     else:
         mlflow.log_artifact(str(_chart(members, metric, soup_value, tmp / "soup.png")))
     return manifest, sources
+
+
+def _local_artifact_dir() -> Path | None:
+    """The active run's artifact folder when MLflow keeps it on this machine (its local
+    artifact repository: a ``file:`` URI or a plain path), else None (a server, a bucket)."""
+    import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    repo = get_artifact_repository(mlflow.get_artifact_uri())
+    return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
 
 
 def _registered_model_exists(name: str) -> bool:
@@ -308,7 +323,8 @@ def _clean_up(made: Mapping[str, Any], name: str, *, created_model: bool) -> str
 
 
 def _delete_if_empty(client: Any, name: str) -> bool:
-    if client.search_model_versions(f"name = '{name}'"):
+    # a failure before register_model never created it: nothing to delete, nothing failed
+    if not _registered_model_exists(name) or client.search_model_versions(f"name = '{name}'"):
         return False
     client.delete_registered_model(name)
     return True
