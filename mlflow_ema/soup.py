@@ -213,6 +213,8 @@ def average_checkpoints(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
     allow_different_init: bool = False,
+    labels: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted average of local checkpoint folders, without MLflow; written to
     ``output`` as a checkpoint (kind ``soup``) when given. Returns the averaged state dict.
@@ -220,21 +222,27 @@ def average_checkpoints(
     ``weights`` (default: equal) are divided by their sum and may be negative (post-hoc
     EMA's coefficients), as long as the sum is positive. Tensors are summed in
     ``accumulate`` (``"float32"`` or ``"float64"``) and written in the inputs' dtype unless
-    ``dtype``. Before any arithmetic every member is verified (sha256 of every file, tensor
-    names, shapes and dtypes, init fingerprint unless ``allow_different_init``, finite
-    weights); ``output`` is written into a temporary folder beside it and renamed into place
-    when complete, and an existing ``output`` is refused before any work.
+    ``dtype``. Every member is checked: tensor names, shapes and dtypes, init fingerprint
+    unless ``allow_different_init``, finite weights before any arithmetic, and the sha256 of
+    every file, computed from the bytes the averaging reads (one pass over each member) and
+    checked before anything is returned or written. ``output`` is written into a temporary
+    folder beside it, hashed as it is written, and renamed into place when complete; an
+    existing ``output`` is refused before any work. ``labels`` name the checkpoints in error
+    messages (default: their paths); ``progress(done, total)`` is called per tensor.
     """
     paths = [Path(p) for p in paths]
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(paths):
-        raise AveragingError(f"{len(weights)} weights for {len(paths)} checkpoints: give one per checkpoint")
+    labels = [""] * len(paths) if labels is None else [str(label) for label in labels]
+    if len(weights) != len(paths) or len(labels) != len(paths):
+        what = f"{len(weights)} weights" if len(weights) != len(paths) else f"{len(labels)} labels"
+        raise AveragingError(f"{what} for {len(paths)} checkpoints: give one per checkpoint")
     if output is not None and (Path(output).exists() or Path(output).is_symlink()):
         raise AveragingError(f"output {output} already exists: give a new folder (nothing is overwritten)")
-    members = [Member(p, w) for p, w in zip(paths, weights, strict=True)]
+    members = [Member(p, w, label) for p, w, label in zip(paths, weights, labels, strict=True)]
     state, manifests = average(members, accumulate=_dtype(accumulate, "accumulate"),
                                dtype=_dtype(dtype, "dtype") if dtype is not None else None,
-                               allow_different_init=allow_different_init, signed=True)  # fmt: skip
+                               allow_different_init=allow_different_init, signed=True,
+                               progress=progress)  # fmt: skip
     if output is not None:
         fingerprints = {m.init_fingerprint for m in manifests}
         metadata = {"members": [str(p) for p in paths], "weights": normalized_weights(weights, signed=True)}

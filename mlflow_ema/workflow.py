@@ -28,7 +28,7 @@ from mlflow_ema.registry import (
     soup_experiment_id,
 )
 from mlflow_ema.selection import Candidate, Selection, select
-from mlflow_ema.soup import AveragingError, Member, average, greedy_soup, normalized_weights
+from mlflow_ema.soup import AveragingError, Member, average_checkpoints, greedy_soup, normalized_weights
 from mlflow_ema.soup_model import SoupModel, soup_model
 from mlflow_ema.trust import resolve_callable, trusted_prefixes
 
@@ -189,8 +189,10 @@ def _combine(
         if progress:
             progress("averaging", done, total)
 
-    state, manifests = average(members, progress=report, **kwargs)
-    return state, members, manifests
+    normalized_weights([m.weight for m in members])  # the CLI's weights are never negative
+    state = average_checkpoints([m.path for m in members], None, [m.weight for m in members],
+                                labels=[m.name for m in members], progress=report, **kwargs)  # fmt: skip
+    return state, members, [read_manifest(m.path) for m in members]
 
 
 def _register(

@@ -332,16 +332,17 @@ def test_min_k_accepts_fewer_with_a_warning(cli, tmp_path):
     assert "only 4 runs qualify" in out and "averaged 4 checkpoints" in out
 
 
-def test_corrupt_or_mismatched_checkpoint_files_are_refused(cli, sweep):
+def test_corrupt_or_mismatched_checkpoint_files_are_refused(cli, sweep, tmp_path):
     folder, _ = sweep
     top = json.loads(cli("ls", "-e", "digits", "--json"))[0]
     weights = next((folder / "mlruns").rglob(f"{top['model_id']}/artifacts/model.safetensors"))
     original = weights.read_bytes()
     try:
-        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        assert "does not match the manifest" in cli(
-            "average", "-e", "digits", "--register-as", "s", "--top-k", "2", code=1
-        )
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # found while averaging
+        out = cli("average", "-e", "digits", "--register-as", "s", "--top-k", "2",
+                  "--output", str(tmp_path / "soup"), code=1)  # fmt: skip
+        assert "does not match the manifest" in out and f"({top['run_id'][:8]})" in out
+        assert not (tmp_path / "soup").exists()
         weights.write_bytes(original[:200])
         assert "truncated" in cli("average", "-e", "digits", "--register-as", "s", "--top-k", "2", code=1)
     finally:

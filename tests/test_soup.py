@@ -169,3 +169,15 @@ def test_a_corrupt_byte_anywhere_in_a_member_is_refused_and_nothing_is_written(
         "m1",
         "m2",
     ]
+
+
+def test_average_checkpoints_names_members_by_label_and_reports_progress(tmp_path):
+    paths = [m.path for m in members(tmp_path, [{"w": torch.ones(2), "v": torch.ones(3)}] * 2)]
+    seen = []
+    mlflow_ema.average_checkpoints(paths, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 2), (2, 2)]
+    (paths[1] / "model.safetensors").write_bytes((paths[1] / "model.safetensors").read_bytes()[:-1] + b"\0")
+    with pytest.raises(mlflow_ema.ChecksumMismatchError, match=r"^second: model.safetensors sha256"):
+        mlflow_ema.average_checkpoints(paths, labels=["first", "second"])
+    with pytest.raises(mlflow_ema.AveragingError, match="1 labels for 2 checkpoints"):
+        mlflow_ema.average_checkpoints(paths, labels=["first"])
