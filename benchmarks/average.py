@@ -1,75 +1,64 @@
-"""Benchmark: averaging k checkpoints with ``mlflow_ema.soup.average``: time and peak memory.
+"""Benchmark: ``mlflow_ema.average_checkpoints`` against its floor and fairseq/timm-style averaging.
 
-k synthetic checkpoints of ``--size-mb`` MiB each (default 200; fp32 tensors of transformer
-shapes: an embedding, 24 blocks of attention, MLP, LayerNorm and BatchNorm tensors, 413 tensors
-in all, 25 of them int64 buffers: ``num_batches_tracked`` and ``position_ids``; or with
-``--layout convnet`` 3002 tensors, 500 blocks of a 3x3 convolution of a few hundred KiB and a
-BatchNorm), written with ``save_checkpoint(..., kind="ema", init_fingerprint="same")`` into a
-temporary folder, are averaged for k = 2 and k = 8 by:
+Issue 15, item 2: wall time of ``average_checkpoints(paths, output)`` at most 1.3x the floor,
+which is one parallel sha256 pass over the inputs plus writing the output once and hashing it
+once. k = 2 and k = 8 members of ``--size-mb`` MiB each (default 200).
 
-- ``(1) soup.average``: ``mlflow_ema.soup.average(members)`` then ``save_checkpoint`` of the
-  result, the path ``mlflow-ema average`` takes. ``average`` verifies the sha256 of every member
-  first (a full read of each file, in parallel threads), then sums one tensor at a time, reading
-  each member's tensor in 4 MiB chunks straight into the accumulator (an earlier version
-  memory-mapped the files and released pages with ``madvise``; this benchmark showed mapped
-  pages staying resident and growing with k);
-- ``(2) load all``: the "apply_swa" approach of many repositories: ``load_checkpoint`` of every
-  member (which verifies the sha256 too) kept in a list, then ``torch.stack(...).mean(0)`` key
-  by key (integer buffers from the first member), then ``save_checkpoint``;
-- ``(3) read k files``: the floor: a sequential ``readinto`` of every byte of the k checkpoint
-  folders into one reusable 8 MiB buffer. And, for reference, ``sha256 k files``: the same read
-  through hashlib as ``verify_checkpoint`` does (1 MiB chunks), the cost of the verification.
+Members: fp32 state dicts of transformer shapes (an embedding, 24 blocks of attention, MLP,
+LayerNorm and BatchNorm tensors: 413 tensors, 25 of them int64 buffers ``num_batches_tracked``
+and ``position_ids``; ``--layout convnet``: 3002 tensors of a few hundred KiB), each one a shared
+init plus its own small perturbation, written with ``save_checkpoint(kind="raw",
+init_fingerprint=init_fingerprint(init))`` (so the init check passes) and the same state dicts
+with ``torch.save`` as ``.pt`` files for the reference arms. Arms, each run in a fresh
+subprocess, interleaved in ``--repeats`` rounds (the order rotating), same k:
 
-Each run of (1) and (2) is a fresh subprocess (the parent imports no torch and stays small:
-a child's ``ru_maxrss`` starts at its parent's peak RSS, which it inherits through exec). The
-child imports everything, reads ``VmRSS`` from ``/proc/self/status`` as its baseline, does the
-work, and reports its peak RSS above the baseline as ``ru_maxrss`` minus that baseline, in
-multiples of one checkpoint file's size. ``VmHWM`` (the same high-water mark) is read after each
-phase, so the tables also show where the peak is reached, and for (1) the file pages still
-mapped when averaging ends (``RssFile`` above the baseline just before the files are closed;
-about 0 now that nothing is mapped). Times are measured inside the child
-(imports excluded); (1) is split into verify (sha256 of the members), average (the rest of
-``average()``) and save (``save_checkpoint``: write, sha256, NaN/inf check, fsync), by wrapping
-those functions with timers, which does not change what they do.
+- ``ours``: ``average_checkpoints(paths, output)`` into a new folder. Its time is split by
+  wrapping library functions with timers (which does not change what they do): verify
+  (``check_members``: sha256 of every member file, parallel threads), sum (the rest of
+  ``soup.average``), and the save's write (``save_file``), sha256 of the output, NaN/inf check
+  and fsync;
+- ``floor``: (a) one sha256 pass over every file of the k inputs, in threads (one per core, as
+  ``parallel_map`` does), (b) ``safetensors.torch.save_file`` of the averaged state dict (loaded
+  before timing) and (c) one sha256 of that file. floor = a + b + c. For information the child
+  also times an fsync of the output (not in the floor: ``save_checkpoint`` pays one) and
+  (b + c) overlapped: the same bytes written while a second thread hashes them (the digest is
+  checked to equal (c)'s);
+- ``fairseq-style`` (the way ``scripts/average_checkpoints.py`` works, reimplemented here): per
+  member ``torch.load(map_location="cpu", weights_only=True)``, clone the first, add the others
+  in fp32, divide, ``torch.save``;
+- ``timm-style`` (the way ``avg_checkpoints.py`` works, reimplemented here): the same with an
+  fp64 accumulator, cast back to the input dtype, ``torch.save``.
+  In both, integer buffers are the first member's (as ours); neither verifies any hash.
 
-Warm page cache: every file is read once before, and all members stay in the cache (the script
-warns if the available memory may not hold them). Runs are interleaved in ``--repeats`` rounds (the order of (1) and (2)
-rotating) and the median time is reported, since the machine may be shared and noisy. Then, for
-information, a cold-cache pass: each member file's pages are evicted with
-``posix_fadvise(POSIX_FADV_DONTNEED)`` (targeted; ``echo 3 > /proc/sys/vm/drop_caches`` drops
-the whole machine's cache), eviction is confirmed with ``mincore``, and the read and (1) are
-timed once each.
+Sanity: every arm's output holds the same tensors as an fp64 reference average computed when
+the members are written (fp32 arms: ``allclose(rtol=1e-5, atol=1e-7)``; timm-style: within
+fp32 rounding of the fp64 mean, ``rtol=2e-7``); integer buffers identical.
 
-With ``--shard-mb N`` the members are written sharded at N MiB (``max_shard_size``: the Hugging
-Face layout, e.g. 200 MiB as 4 shards of ~50 MiB and one of the 37 MiB embedding), and (1) and
-(2) write their outputs with the same limit; "one checkpoint" is then the sum of the shards.
-Last, a fresh process builds one checkpoint's state dict in place, resets its high-water mark
-(``/proc/self/clear_refs``) and writes it with ``save_checkpoint``, as one file and, with
-``--shard-mb``, sharded: the peak RSS beyond the state dict is what writing costs.
+Memory: each child takes ``VmRSS`` after its imports as baseline and reports ``ru_maxrss`` minus
+it, in multiples of one checkpoint's file size (the parent imports no torch and stays small, as
+a child's ``ru_maxrss`` starts at its parent's peak; a check confirms ``ru_maxrss`` = ``VmHWM``).
+RSS counts anonymous memory and mapped file pages, not the page cache that reads and writes go
+through: the kernel's cache of the members and outputs is outside these numbers.
 
-Targets: peak RSS above baseline of (1) at most 1.5x one checkpoint for k = 2 and k = 8; wall
-time of (1) at most 1.5x the time to read the k files (warm cache); with ``--shard-mb``, writing
-a sharded checkpoint needs at most one shard of memory beyond its state dict. Sanity checks: (1)
-and (2) give the same tensors, (1) gives byte-identical files on every run, and with
-``--shard-mb`` every output is sharded.
+Time: wall, inside the child (imports excluded). The page cache is warm: every member file is
+read once before the rounds and stays cached (nothing is dropped: that needs root and hits
+every user of the machine). Medians and [min-max] over the rounds.
 
-Run from the repository root (about 2 minutes; ``--quick`` for a short smoke run)::
+Run from the repository root (5-10 minutes and about 6 GB of temporary disk for the default)::
 
-    .venv/bin/python benchmarks/average.py [--size-mb 200] [--repeats 3] [--layout convnet] [--quick]
-    .venv/bin/python benchmarks/average.py --shard-mb 50     # the same with sharded checkpoints
+    .venv/bin/python benchmarks/average.py [--size-mb 200] [--repeats 5] [--layout convnet] [--tmp DIR]
+    .venv/bin/python benchmarks/average.py --quick      # 16 MiB members, 1 round: a smoke run
 
-Exits with status 1 if a sanity check or a target fails (with ``--quick``, only the sanity checks).
+Exits with status 1 if a sanity check or the target fails (with ``--quick``, only sanity checks).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import hashlib
 import json
 import math
-import mmap
 import os
 import resource
 import shutil
@@ -78,23 +67,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import print_verdicts  # a sibling module: the scripts run from benchmarks/
 
 # No torch at module level: the parent must stay small (see the docstring).
 
-SOUP = "(1) soup.average"
-NAIVE = "(2) load all"
-VARIANTS = (SOUP, NAIVE)
+OURS, FLOOR, FAIRSEQ, TIMM = "ours", "floor", "fairseq-style", "timm-style"
+ARMS = (OURS, FLOOR, FAIRSEQ, TIMM)
 LAYERS = 24  # transformer blocks
 SEQ = 512
 CONV_BLOCKS = 500  # convnet blocks
 INTS = ("arange", "steps")  # the inits of int64 buffers
 MIB = 1 << 20
-READ_BUFFER = 8 * MIB
-RSS_TARGET = 1.5  # peak RSS of (1) above baseline, in checkpoints
-TIME_TARGET = 1.5  # wall time of (1), in times the warm read of the k files
+HASH_CHUNK = MIB  # as the library's _file_digest
+PIPE_CHUNK = 8 * MIB  # write-while-hashing: bytes per chunk handed to the hashing thread
+TARGET = 1.3  # ours, in times the floor
 
 
 # -- synthetic checkpoints ----------------------------------------------------------
@@ -166,35 +155,63 @@ def describe(specs: list[tuple[str, tuple[int, ...], str]]) -> str:
 
 
 def child_generate(spec: dict) -> dict:
+    """The members (checkpoint folder and .pt), each the shared init plus its own perturbation,
+    and per k the fp64 reference average of the first k (cast to fp32, as a safetensors file)."""
     import torch
+    from safetensors.torch import save_file
 
-    from mlflow_ema.checkpoint import save_checkpoint
+    import mlflow_ema
+    from mlflow_ema.checkpoint import init_fingerprint, save_checkpoint
 
-    specs = layout(spec["size_bytes"], spec["layout"])
-    paths = []
-    for i in range(spec["k"]):
-        g = torch.Generator().manual_seed(i)
+    g = torch.Generator().manual_seed(0)
+    init = {}
+    for name, shape, kind in layout(spec["size_bytes"], spec["layout"]):
+        if kind in INTS:
+            init[name] = torch.arange(math.prod(shape), dtype=torch.int64).view(shape)
+        elif kind == "ones":
+            init[name] = 1 + 0.01 * torch.randn(shape, generator=g)
+        elif kind == "var":
+            init[name] = 0.5 + torch.rand(shape, generator=g)
+        else:
+            init[name] = 0.02 * torch.randn(shape, generator=g)
+    fingerprint = init_fingerprint(init)
+    out = {"folders": [], "pts": [], "references": {}, "library": str(Path(mlflow_ema.__file__).parent)}
+    total: dict = {}
+    for i in range(max(spec["ks"])):
+        g = torch.Generator().manual_seed(i + 1)
         state = {}
-        for name, shape, init in specs:
-            if init == "arange":
-                state[name] = torch.arange(math.prod(shape), dtype=torch.int64).view(shape)
-            elif init == "steps":
+        for name, value in init.items():  # a fine-tuned member: the init plus a small step
+            if name.endswith("num_batches_tracked"):
                 state[name] = torch.tensor(1000 * (i + 1), dtype=torch.int64)
-            elif init == "ones":
-                state[name] = 1 + 0.01 * torch.randn(shape, generator=g)
-            elif init == "var":
-                state[name] = 0.5 + torch.rand(shape, generator=g)
+            elif value.is_floating_point():
+                state[name] = value + 0.002 * torch.randn(value.shape, generator=g)
             else:
-                state[name] = 0.02 * torch.randn(shape, generator=g)
-        path = Path(spec["dir"]) / f"member-{i}"
-        save_checkpoint(path, state, kind="ema", step=1000 * (i + 1), init_fingerprint="same",
-                        max_shard_size=spec["max_shard_size"])  # fmt: skip
-        paths.append(str(path))
+                state[name] = value.clone()
+        folder, pt = Path(spec["dir"]) / f"member-{i}", Path(spec["dir"]) / f"member-{i}.pt"
+        save_checkpoint(folder, state, kind="raw", step=1000 * (i + 1), init_fingerprint=fingerprint)
+        torch.save(state, pt)
+        fd = os.open(pt, os.O_RDONLY)  # written back now, not during the rounds
+        os.fsync(fd)
+        os.close(fd)
+        out["folders"].append(str(folder))
+        out["pts"].append(str(pt))
+        for name, value in state.items():
+            if not value.is_floating_point():
+                total.setdefault(name, value)  # integer buffers: the first member's
+            elif name in total:
+                total[name] += value
+            else:
+                total[name] = value.double()
+        if i + 1 in spec["ks"]:
+            reference = {n: (v / (i + 1)).float() if v.is_floating_point() else v for n, v in total.items()}
+            ref = Path(spec["dir"]) / f"reference-k{i + 1}.safetensors"
+            save_file(reference, ref, metadata={"format": "pt"})
+            out["references"][i + 1] = str(ref)
         del state
-    return {"paths": paths}
+    return out
 
 
-# -- the measured variants (each in a fresh subprocess) -------------------------------
+# -- the arms (each in a fresh subprocess) --------------------------------------------
 
 
 def status_kib(field: str) -> int:
@@ -210,18 +227,175 @@ class Clock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self.peaks: dict[str, int] = {}  # VmHWM (KiB) after the last call of a wrapped function
 
-    def wrap(self, key: str, fn):
+    def wrap(self, module, attr: str, key: str, before=None) -> None:
+        """Time ``module.attr`` under ``key`` (skipped if the library no longer has it)."""
+        fn = getattr(module, attr, None)
+        if fn is None:
+            return
+
         def timed(*args, **kwargs):
+            if before is not None:
+                before()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
-                self.peaks[key] = status_kib("VmHWM")
 
-        return timed
+        setattr(module, attr, timed)
+
+
+def run_ours(spec: dict) -> dict:
+    """``average_checkpoints`` with its phases timed: verify (inside ``soup.average``), sum (the
+    rest of it) and the save's parts. The output's sha256 timer is installed when the save
+    starts, since verification calls the same function."""
+    import mlflow_ema
+    import mlflow_ema.checkpoint as ckpt
+    import mlflow_ema.soup as soup
+
+    clock = Clock()
+    clock.wrap(soup, "check_members", "verify")
+    clock.wrap(soup, "average", "average")
+    clock.wrap(ckpt, "save_file", "write")
+    clock.wrap(ckpt, "_finite", "finite")
+    clock.wrap(ckpt, "_fsync", "fsync")
+    clock.wrap(soup, "save_checkpoint", "save", before=lambda: clock.wrap(ckpt, "_file_digest", "sha256"))
+    start = time.perf_counter()
+    mlflow_ema.average_checkpoints(spec["members"], spec["output"])
+    total = time.perf_counter() - start
+    s = clock.seconds
+    parts = {"verify": s.get("verify", 0.0), "sum": s.get("average", 0.0) - s.get("verify", 0.0)}
+    parts |= {k: s.get(k, 0.0) for k in ("write", "sha256", "finite", "fsync")}
+    parts["other"] = total - sum(parts.values())
+    return {"total": total, "seconds": parts}
+
+
+def sha256_file(file: Path, buffer: memoryview) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
+    return digest.hexdigest()
+
+
+def sha256_parallel(files: list[Path]) -> None:
+    """Every file's sha256, in one thread per core (hashlib releases the GIL)."""
+    workers = max(1, min(len(files), os.cpu_count() or 1))
+    buffers = {}
+
+    def one(file: Path) -> str:
+        import threading
+
+        buf = buffers.setdefault(threading.get_ident(), memoryview(bytearray(HASH_CHUNK)))
+        return sha256_file(file, buf)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, files))
+
+
+def write_while_hashing(written: Path, tensors: dict, out: Path) -> str:
+    """The bytes of ``written`` (a safetensors file of ``tensors``) written again to ``out``
+    from the tensors, in batches of about 8 MiB: a second thread hashes each batch while the
+    main thread writes it (both release the GIL)."""
+    import torch
+
+    with open(written, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+    entries = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+    order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
+    views = [memoryview(len(header).to_bytes(8, "little")), memoryview(header)]
+    for name in order:
+        data = memoryview(tensors[name].contiguous().view(-1).view(torch.uint8).numpy())
+        views += [data[lo : lo + PIPE_CHUNK] for lo in range(0, len(data), PIPE_CHUNK)]
+    batches, size = [[]], 0
+    for view in views:
+        batches[-1].append(view)
+        size += len(view)
+        if size >= PIPE_CHUNK:
+            batches.append([])
+            size = 0
+    digest = hashlib.sha256()
+
+    def hash_batch(batch: list[memoryview]) -> None:
+        for view in batch:
+            digest.update(view)
+
+    with ThreadPoolExecutor(max_workers=1) as pool, open(out, "wb", buffering=0) as f:
+        futures = [pool.submit(hash_batch, batch) for batch in batches]  # in order: one worker
+        for batch in batches:
+            for view in batch:
+                f.write(view)
+        for future in futures:
+            future.result()
+    return digest.hexdigest()
+
+
+def run_floor(spec: dict) -> dict:
+    """(a) parallel sha256 of the inputs, (b) write the averaged state dict, (c) sha256 of it;
+    for information: fsync of it, and (b)+(c) overlapped (write while a thread hashes)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(spec["reference"])  # the averaged state dict, before timing
+    files = [f for folder in spec["members"] for f in sorted(Path(folder).iterdir())]
+    out = Path(spec["output"])
+    out.mkdir()
+    t0 = time.perf_counter()
+    sha256_parallel(files)
+    t1 = time.perf_counter()
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    t2 = time.perf_counter()
+    digest = sha256_file(out / "model.safetensors", memoryview(bytearray(HASH_CHUNK)))
+    t3 = time.perf_counter()
+    fd = os.open(out / "model.safetensors", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    t4 = time.perf_counter()
+    piped = write_while_hashing(out / "model.safetensors", state, out / "piped.safetensors")
+    t5 = time.perf_counter()
+    (out / "piped.safetensors").unlink()
+    seconds = {"sha256 inputs": t1 - t0, "write": t2 - t1, "sha256 output": t3 - t2}
+    seconds |= {"fsync (info)": t4 - t3, "write+hash overlapped (info)": t5 - t4}
+    return {"total": t3 - t0, "seconds": seconds, "piped_same_digest": piped == digest}
+
+
+def run_torch_load(spec: dict, accumulate) -> dict:
+    """fairseq-style (fp32) or timm-style (fp64): one member at a time with torch.load, summed
+    into an accumulator, divided, cast back, torch.save. Integer buffers: the first member's."""
+    import torch
+
+    seconds = {"load": 0.0, "sum": 0.0, "save": 0.0}
+    start = time.perf_counter()
+    acc: dict = {}
+    dtypes: dict = {}  # the inputs' dtypes, to cast back to
+    for i, path in enumerate(spec["members"]):
+        t = time.perf_counter()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        seconds["load"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for name, value in state.items():
+            if not value.is_floating_point():
+                acc.setdefault(name, value)
+            elif i == 0:
+                dtypes[name] = value.dtype
+                acc[name] = value.to(accumulate, copy=True)  # fairseq: clone(); timm: to(float64)
+            else:
+                acc[name] += value.to(accumulate)
+        del state
+        seconds["sum"] += time.perf_counter() - t
+    t = time.perf_counter()
+    result = {}
+    for name in list(acc):
+        value = acc.pop(name)
+        if value.is_floating_point():
+            value = value.div_(len(spec["members"])).to(dtypes[name])
+        result[name] = value
+    seconds["sum"] += time.perf_counter() - t
+    t = time.perf_counter()
+    torch.save(result, spec["output"])
+    seconds["save"] = time.perf_counter() - t
+    return {"total": time.perf_counter() - start, "seconds": seconds}
 
 
 def child_measure(spec: dict) -> dict:
@@ -229,173 +403,59 @@ def child_measure(spec: dict) -> dict:
 
     import torch
 
-    import mlflow_ema.checkpoint as ckpt
-    import mlflow_ema.soup as soup
+    import mlflow_ema.checkpoint  # noqa: F401  (imported before the baseline in every arm)
 
-    members = [Path(p) for p in spec["members"]]
-    out = Path(spec["output"])
-    clock = Clock()
     torch.ones(1 << 16).add_(1)  # start torch's thread pool before the baseline
     gc.collect()
     baseline = status_kib("VmRSS")
-    peaks: dict[str, int] = {}
-    mapped: dict[str, int] = {}
-    start = time.perf_counter()
-    if spec["variant"] == SOUP:
-        soup.check_members = clock.wrap("verify", soup.check_members)
-        # file pages still mapped when averaging ends (none: the files are read, not mapped)
-        file_baseline, close = status_kib("RssFile"), ckpt.WeightsReader.close
-
-        def close_and_measure(self) -> None:
-            mapped.setdefault("kib", status_kib("RssFile") - file_baseline)
-            close(self)
-
-        ckpt.WeightsReader.close = close_and_measure
-        state, manifests = soup.average([soup.Member(p, 1.0, f"member {i}") for i, p in enumerate(members)])
-        averaged = time.perf_counter()
-        peaks["verify"] = clock.peaks["verify"]
-        peaks["average"] = status_kib("VmHWM")
-        rss_after_average = status_kib("VmRSS")
-        # the save's parts; wrapped only now since the verification calls _file_digest too
-        ckpt.save_file = clock.wrap("write", ckpt.save_file)
-        ckpt._file_digest = clock.wrap("sha256", ckpt._file_digest)
-        ckpt._finite = clock.wrap("finite", ckpt._finite)
-        ckpt._fsync = clock.wrap("fsync", ckpt._fsync)
-        manifest = ckpt.save_checkpoint(
-            out, state, kind="soup", init_fingerprint=manifests[0].init_fingerprint,
-            max_shard_size=spec["max_shard_size"],
-        )  # fmt: skip
-        end = time.perf_counter()
-        verify = clock.seconds["verify"]
-        seconds = {
-            "verify": verify,
-            "average": averaged - start - verify,
-            "save": end - averaged,
-            **{f"save {k}": clock.seconds[k] for k in ("write", "sha256", "finite", "fsync")},
-        }
+    arm = spec["arm"]
+    if arm == OURS:
+        result = run_ours(spec)
+    elif arm == FLOOR:
+        result = run_floor(spec)
     else:
-        # load_checkpoint verifies through parallel_map (the sha256 of its files), nothing else does
-        ckpt.parallel_map = clock.wrap("verify", ckpt.parallel_map)
-        loaded = [ckpt.load_checkpoint(p) for p in members]
-        t_load = time.perf_counter()
-        peaks["verify"] = clock.peaks["verify"]
-        peaks["load"] = status_kib("VmHWM")
-        states = [c.state_dict for c in loaded]
-        state = {}
-        for key, first in states[0].items():
-            if first.is_floating_point():
-                state[key] = torch.stack([s[key] for s in states]).mean(0)
-            else:
-                state[key] = first.clone()
-        averaged = time.perf_counter()
-        peaks["average"] = status_kib("VmHWM")
-        rss_after_average = status_kib("VmRSS")
-        manifest = ckpt.save_checkpoint(
-            out, state, kind="soup", init_fingerprint=loaded[0].manifest.init_fingerprint,
-            max_shard_size=spec["max_shard_size"],
-        )  # fmt: skip
-        end = time.perf_counter()
-        seconds = {
-            "verify": clock.seconds["verify"],
-            "load": t_load - start - clock.seconds["verify"],
-            "average": averaged - t_load,
-            "save": end - averaged,
-        }
-    peaks["save"] = status_kib("VmHWM")
-    return {
-        "variant": spec["variant"],
-        "k": len(members),
-        "total": end - start,
-        "seconds": seconds,
+        result = run_torch_load(spec, torch.float32 if arm == FAIRSEQ else torch.float64)
+    return result | {
         "baseline_kib": baseline,
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "vmhwm_kib": status_kib("VmHWM"),
-        "peaks_kib": peaks,
-        "rss_after_average_kib": rss_after_average,
-        "mapped_kib": mapped.get("kib"),
-        "sha256": ckpt.weights_digest(manifest),
-        "files": len(ckpt.weight_files(manifest)),
-    }
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: ``5`` to ``/proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def child_write(spec: dict) -> dict:
-    """Peak RSS of ``save_checkpoint`` beyond the state dict it writes: the state is built in
-    place (no temporaries), the high-water mark reset, then the checkpoint is written."""
-    import gc
-
-    import torch
-
-    from mlflow_ema.checkpoint import save_checkpoint, weight_files
-
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for name, shape, init in layout(spec["size_bytes"], spec["layout"]):
-        if init in INTS:
-            state[name] = torch.zeros(shape, dtype=torch.int64)
-        else:
-            state[name] = torch.empty(shape).normal_(0, 0.02, generator=g)
-    torch.ones(1 << 16).add_(1)
-    gc.collect()
-    baseline = status_kib("VmRSS")
-    reset = reset_peak_rss()
-    start = time.perf_counter()
-    out = Path(spec["output"])
-    manifest = save_checkpoint(out, state, kind="ema", max_shard_size=spec["max_shard_size"])
-    seconds = time.perf_counter() - start
-    files = weight_files(manifest)
-    return {
-        "seconds": seconds,
-        "baseline_kib": baseline,
-        "hwm_kib": status_kib("VmHWM"),
-        "reset": reset,
-        "files": len(files),
-        "largest_file": max(manifest.files[f]["bytes"] for f in files),
-        "largest_tensor": max(t.numel() * t.element_size() for t in state.values()),
     }
 
 
 def child_compare(spec: dict) -> dict:
-    """Do the outputs of (1) and (2) hold the same tensors (up to float rounding)?"""
+    """Each arm's output against the fp64 reference average."""
     import torch
+    from safetensors.torch import load_file
 
-    from mlflow_ema.checkpoint import load_checkpoint
-
-    a = load_checkpoint(spec["a"]).state_dict
-    b = load_checkpoint(spec["b"]).state_dict
-    problems = []
-    if a.keys() != b.keys():
-        problems.append(f"keys differ: {sorted(a.keys() ^ b.keys())[:3]}")
-    worst = 0.0
-    for key in sorted(a.keys() & b.keys()):
-        x, y = a[key], b[key]
-        if x.dtype != y.dtype or x.shape != y.shape:
-            problems.append(f"{key}: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}")
-        elif not x.is_floating_point():
-            if not torch.equal(x, y):
-                problems.append(f"{key}: integer buffers differ")
+    reference = load_file(spec["reference"])
+    found = {}
+    for arm, path in spec["outputs"].items():
+        if arm in (OURS, FLOOR):
+            out = load_file(str(Path(path) / "model.safetensors"))
         else:
-            worst = max(worst, (x - y).abs().max().item())
-            if not torch.allclose(x, y, rtol=1e-5, atol=1e-7):
-                problems.append(f"{key}: differs by {(x - y).abs().max().item():.3g}")
-    return {"tensors": len(a), "max_abs_diff": worst, "problems": problems[:5]}
+            out = torch.load(path, map_location="cpu", weights_only=True)
+        rtol, atol = (2e-7, 0.0) if arm in (TIMM, FLOOR) else (1e-5, 1e-7)
+        problems, worst = [], 0.0
+        if out.keys() != reference.keys():
+            problems.append(f"keys differ: {sorted(out.keys() ^ reference.keys())[:3]}")
+        for key in sorted(out.keys() & reference.keys()):
+            x, y = out[key], reference[key]
+            if x.dtype != y.dtype or x.shape != y.shape:
+                problems.append(f"{key}: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}")
+            elif not x.is_floating_point():
+                if not torch.equal(x, y):
+                    problems.append(f"{key}: integer buffers differ")
+            else:
+                xd, yd = x.double(), y.double()
+                diff = (xd - yd).abs()
+                worst = max(worst, diff.max().item())
+                if bool((diff > atol + rtol * yd.abs()).any()):  # not allclose(x, y, rtol, atol)
+                    problems.append(f"{key}: differs by {diff.max().item():.3g}")
+        found[arm] = {"tensors": len(out), "max_abs_diff": worst, "problems": problems[:3]}
+    return found
 
 
-CHILDREN = {
-    "generate": child_generate,
-    "measure": child_measure,
-    "write": child_write,
-    "compare": child_compare,
-}
+CHILDREN = {"generate": child_generate, "measure": child_measure, "compare": child_compare}
 
 
 def run_child(kind: str, spec: dict) -> dict:
@@ -410,317 +470,168 @@ def run_child(kind: str, spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# -- reading the files: the floor ---------------------------------------------------
-
-
-def files_of(folders: list[str]) -> list[Path]:
-    return [f for folder in folders for f in sorted(Path(folder).iterdir())]
-
-
-def read_all(files: list[Path], buffer: memoryview) -> tuple[float, int]:
-    """Seconds to read every byte of ``files`` sequentially, and the bytes read."""
-    total = 0
-    start = time.perf_counter()
-    for file in files:
-        with open(file, "rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                total += n
-    return time.perf_counter() - start, total
-
-
-def hash_all(files: list[Path]) -> float:
-    """Seconds to sha256 every file the way verify_checkpoint does (1 MiB chunks)."""
-    start = time.perf_counter()
-    for file in files:
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(MIB):
-                digest.update(chunk)
-    return time.perf_counter() - start
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
-def resident_fraction(files: list[Path]) -> float:
-    """The fraction of the files' pages in the page cache (mincore on a fresh mapping)."""
-    resident = pages = 0
-    for file in files:
-        size = file.stat().st_size
-        if not size:
-            continue
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                raise OSError(ctypes.get_errno(), f"mmap {file}")
-            n = -(-size // mmap.PAGESIZE)
-            vec = (ctypes.c_ubyte * n)()
-            try:
-                if _libc.mincore(addr, size, vec) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore {file}")
-            finally:
-                _libc.munmap(addr, size)
-        finally:
-            os.close(fd)
-        resident += sum(b & 1 for b in bytes(vec))
-        pages += n
-    return resident / pages if pages else 1.0
-
-
-def evict(files: list[Path]) -> None:
-    for file in files:
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-# -- report -------------------------------------------------------------------------
+# -- the rounds -----------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Results:
     ks: list[int]
     ckpt_bytes: int
-    gbytes: dict[int, int]  # bytes of the k checkpoint folders
+    input_bytes: dict[int, int]  # bytes of the k members' folders
     runs: dict[tuple[str, int], list[dict]] = dataclasses.field(default_factory=dict)
-    reads: dict[int, list[float]] = dataclasses.field(default_factory=dict)
-    hashes: dict[int, list[float]] = dataclasses.field(default_factory=dict)
-    kept: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)  # last output per variant
-    shard_bytes: int | None = None  # --shard-mb: members and outputs sharded at this size
-    writes: dict[str, dict] = dataclasses.field(default_factory=dict)  # write_memory(): per layout
+    kept: dict[tuple[str, int], str] = dataclasses.field(default_factory=dict)  # last output per arm
 
 
-def fmt_s(seconds: float) -> str:
-    return f"{seconds:.2f} s"
+def warm(files: list[Path]) -> None:
+    buffer = memoryview(bytearray(8 * MIB))
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
 
 
-def median(runs: list[dict], get) -> float:
-    return statistics.median(get(r) for r in runs)
+def cpu_pressure() -> float:
+    """Microseconds some task waited for a CPU, machine-wide (/proc/pressure/cpu), or 0."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
-def peak_x(run: dict, kib: int, ckpt_bytes: int) -> float:
-    return (kib - run["baseline_kib"]) * 1024 / ckpt_bytes
+def remove(path: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
 
 
-def report(res: Results) -> dict[int, dict[str, float]]:
-    """Print the warm-cache tables; return per k the numbers the targets use."""
-    ks, runs, reads, hashes, ckpt_bytes, gbytes = (
-        res.ks, res.runs, res.reads, res.hashes, res.ckpt_bytes, res.gbytes
-    )  # fmt: skip
-    summary: dict[int, dict[str, float]] = {}
-    print("\n### Wall time, warm page cache (median over the rounds)\n")
-    print("| k | bytes read | (3) read k files | sha256 k files | (1) soup.average + save | (1) / read "
-          "| (2) load all + save | (2) / read | (2) / (1) |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for k in ks:
-        read, sha = statistics.median(reads[k]), statistics.median(hashes[k])
-        soup = median(runs[SOUP, k], lambda r: r["total"])
-        naive = median(runs[NAIVE, k], lambda r: r["total"])
-        print(
-            f"| {k} | {gbytes[k] / MIB:,.0f} MiB | {fmt_s(read)} ({gbytes[k] / read / 1e9:.1f} GB/s) "
-            f"| {fmt_s(sha)} ({gbytes[k] / sha / 1e9:.1f} GB/s) | {fmt_s(soup)} | {soup / read:.1f}x "
-            f"| {fmt_s(naive)} | {naive / read:.1f}x | {naive / soup:.2f}x |"
-        )
-        summary[k] = {"read": read, "sha": sha, "soup": soup}
-
-    print("\n### Where the time of (1) goes (median s)\n")
-    parts = ["verify", "average", "save", "save write", "save sha256", "save finite", "save fsync"]
-    print("| k | " + " | ".join(parts) + " | total | average / read | (total - verify) / read |")
-    print("|---:|" + "---:|" * (len(parts) + 3))
-    for k in ks:
-        cells = [f"{median(runs[SOUP, k], lambda r, p=p: r['seconds'][p]):.2f}" for p in parts]
-        avg = median(runs[SOUP, k], lambda r: r["seconds"]["average"])
-        rest = median(runs[SOUP, k], lambda r: r["total"] - r["seconds"]["verify"])
-        total = summary[k]["soup"]
-        read = summary[k]["read"]
-        print(f"| {k} | {' | '.join(cells)} | {total:.2f} | {avg / read:.1f}x | {rest / read:.1f}x |")
-    print("\n### Where the time of (2) goes (median s)\n")
-    parts2 = ["verify", "load", "average", "save"]
-    print("| k | " + " | ".join(parts2) + " | total |")
-    print("|---:|" + "---:|" * (len(parts2) + 1))
-    for k in ks:
-        cells = [f"{median(runs[NAIVE, k], lambda r, p=p: r['seconds'][p]):.2f}" for p in parts2]
-        print(f"| {k} | {' | '.join(cells)} | {median(runs[NAIVE, k], lambda r: r['total']):.2f} |")
-
-    print(
-        f"\n### Peak RSS above the child's baseline, in checkpoints ({ckpt_bytes / MIB:.1f} MiB), "
-        "worst over the rounds\n"
+def rounds(res: Results, members: dict, tmp: Path, repeats: int) -> None:
+    """Every arm at every k, in fresh subprocesses, ``repeats`` rounds, the order rotating."""
+    warm(
+        [f for folder in members["folders"] for f in Path(folder).iterdir()]
+        + [Path(p) for p in members["pts"]]
     )
-    print("| k | variant | baseline | peak after verify | after load | after average | after save "
-          "= ru_maxrss | RSS kept after average | file pages still mapped as averaging ends |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for k in ks:
-        for variant in VARIANTS:
-            worst = max(runs[variant, k], key=lambda r: r["maxrss_kib"] - r["baseline_kib"])
-            p = worst["peaks_kib"]
-            load = f"{peak_x(worst, p['load'], ckpt_bytes):.2f}x" if "load" in p else "-"
-            mapped = "-" if worst["mapped_kib"] is None else f"{worst['mapped_kib'] / 1024:.0f} MiB"
-            print(
-                f"| {k} | {variant} | {worst['baseline_kib'] / 1024:.0f} MiB "
-                f"| {peak_x(worst, p['verify'], ckpt_bytes):.2f}x | {load} "
-                f"| {peak_x(worst, p['average'], ckpt_bytes):.2f}x "
-                f"| **{peak_x(worst, worst['maxrss_kib'], ckpt_bytes):.2f}x** "
-                f"({(worst['maxrss_kib'] - worst['baseline_kib']) / 1024:.0f} MiB) "
-                f"| {peak_x(worst, worst['rss_after_average_kib'], ckpt_bytes):.2f}x | {mapped} |"
-            )
-        summary[k]["rss"] = max(peak_x(r, r["maxrss_kib"], ckpt_bytes) for r in runs[SOUP, k])
-    if len(ks) > 1:
-        lo, hi = min(ks), max(ks)
-        grow = (summary[hi]["rss"] - summary[lo]["rss"]) * ckpt_bytes / MIB
-        print(f"\npeak RSS of (1) at k={hi} minus k={lo}: {grow:+.0f} MiB (it should not grow with k)")
-    for k in ks:
-        read, sha, soup = summary[k]["read"], summary[k]["sha"], summary[k]["soup"]
-        print(
-            f"\nk={k}: (1) takes {soup / read:.1f}x the warm read; its verification alone is a sha256 "
-            f"pass at {gbytes[k] / sha / 1e9:.1f} GB/s, {sha / read:.1f}x the read"
-        )
-    return summary
-
-
-# -- main ---------------------------------------------------------------------------
-
-
-def load_average() -> str:
-    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def warm_rounds(res: Results, members: list[str], tmp: Path, repeats: int) -> None:
-    """The warm-cache measurements: per round and k, the read, the sha256 pass, (1) and (2)."""
-    buffer = memoryview(bytearray(READ_BUFFER))
-    for k in res.ks:
-        read_all(files_of(members[:k]), buffer)  # warm the page cache
     n = 0
     for r in range(repeats):
         for k in res.ks:
-            files = files_of(members[:k])
-            res.reads.setdefault(k, []).append(read_all(files, buffer)[0])
-            res.hashes.setdefault(k, []).append(hash_all(files))
-            for variant in VARIANTS[r % 2 :] + VARIANTS[: r % 2]:
+            for arm in ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]:
                 n += 1
-                out = tmp / f"out-{n}"
-                result = run_child(
-                    "measure",
-                    {"variant": variant, "members": members[:k], "output": str(out),
-                     "max_shard_size": res.shard_bytes},
-                )  # fmt: skip
-                res.runs.setdefault((variant, k), []).append(result)
-                if (variant, k) in res.kept:
-                    shutil.rmtree(res.kept[variant, k])
-                res.kept[variant, k] = str(out)
+                out = tmp / (f"out-{n}" + (".pt" if arm in (FAIRSEQ, TIMM) else ""))
+                inputs = members["pts"] if arm in (FAIRSEQ, TIMM) else members["folders"]
+                spec = {"arm": arm, "members": inputs[:k], "output": str(out),
+                        "reference": members["references"][str(k)]}  # fmt: skip
+                stalled, start = cpu_pressure(), time.perf_counter()
+                result = run_child("measure", spec)
+                result["pressure"] = (cpu_pressure() - stalled) / 1e6 / (time.perf_counter() - start)
+                res.runs.setdefault((arm, k), []).append(result)
+                if (arm, k) in res.kept:
+                    remove(res.kept[arm, k])
+                res.kept[arm, k] = str(out)
+                rss = (result["maxrss_kib"] - result["baseline_kib"]) * 1024 / res.ckpt_bytes
                 print(
-                    f"  round {r + 1} k={k} {variant}: {result['total']:.2f} s, peak RSS +"
-                    f"{(result['maxrss_kib'] - result['baseline_kib']) / 1024:.0f} MiB",
+                    f"  round {r + 1} k={k} {arm}: {result['total']:.2f} s, peak RSS {rss:.2f}x, "
+                    f"CPU pressure {100 * result['pressure']:.0f}%",
                     flush=True,
                 )
-            print(f"  round {r + 1} k={k} read: {res.reads[k][-1]:.2f} s, sha256: {res.hashes[k][-1]:.2f} s")
 
 
-def cold_pass(res: Results, members: list[str], tmp: Path) -> None:
-    """For information: the read and (1) once each with the members evicted from the page cache."""
-    buffer = memoryview(bytearray(READ_BUFFER))
-    print("\n### Cold page cache (members evicted with posix_fadvise(DONTNEED); one run each)\n")
-    print("| k | resident before | (3) read k files | (1) soup.average + save | (1) / cold read "
-          "| (1) verify | (1) average | (1) save |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    cold = True
-    for k in res.ks:
-        files = files_of(members[:k])
-        evict(files)
-        before = resident_fraction(files)
-        read = read_all(files, buffer)[0]
-        evict(files)
-        before = max(before, resident_fraction(files))
-        cold &= before < 0.01
-        out = tmp / "out-cold"
-        spec = {
-            "variant": SOUP,
-            "members": members[:k],
-            "output": str(out),
-            "max_shard_size": res.shard_bytes,
-        }
-        result = run_child("measure", spec)
-        shutil.rmtree(out)
-        s = result["seconds"]
-        print(
-            f"| {k} | {100 * before:.1f}% | {fmt_s(read)} ({res.gbytes[k] / read / 1e9:.1f} GB/s) "
-            f"| {fmt_s(result['total'])} | {result['total'] / read:.1f}x | {s['verify']:.2f} "
-            f"| {s['average']:.2f} | {s['save']:.2f} |"
-        )
-    if not cold:
-        print("\n(eviction left pages in the page cache: these numbers are not cold)")
+# -- report ---------------------------------------------------------------------------
 
 
-def write_memory(res: Results, size_bytes: int, kind: str, tmp: Path) -> None:
-    """Peak RSS of writing one checkpoint beyond its state dict: as one file, and sharded."""
-    print("\n### Writing one checkpoint: peak RSS beyond the state dict (save_checkpoint, fresh process)\n")
-    print("| layout | files | largest file | largest tensor | peak RSS above the state dict | time |")
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} s [{min(values):.2f}-{max(values):.2f}]"
+
+
+def peak_x(run: dict, ckpt_bytes: int) -> float:
+    return (run["maxrss_kib"] - run["baseline_kib"]) * 1024 / ckpt_bytes
+
+
+def part(runs: list[dict], key: str) -> float:
+    return statistics.median(r["seconds"][key] for r in runs)
+
+
+LABELS = {
+    OURS: "ours: `average_checkpoints(paths, output)`",
+    FLOOR: "floor: sha256 of inputs (threads) + write + sha256 of output",
+    FAIRSEQ: "fairseq-style: `torch.load` one at a time, fp32 sum, `torch.save`",
+    TIMM: "timm-style: `torch.load` one at a time, fp64 sum, `torch.save`",
+}
+
+
+def table(res: Results, k: int) -> dict[str, float]:
+    """The Markdown table of one k; returns the median times."""
+    totals = {arm: [r["total"] for r in res.runs[arm, k]] for arm in ARMS}
+    med = {arm: statistics.median(v) for arm, v in totals.items()}
+    n = len(totals[OURS])
+    print(f"\n### k = {k}: {k} x {res.ckpt_bytes / MIB:.0f} MiB, warm page cache, {n} rounds\n")
+    print("| arm | time: median [min-max] | / floor | / ours | peak RSS (checkpoints), worst round "
+          "| CPU pressure, median |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|")
-    layouts = {"one file": None} | (
-        {f"shards of {res.shard_bytes / MIB:g} MiB": res.shard_bytes} if res.shard_bytes else {}
-    )
-    for name, limit in layouts.items():
-        out = tmp / "out-write"
-        w = run_child(
-            "write", {"size_bytes": size_bytes, "layout": kind, "output": str(out), "max_shard_size": limit}
-        )
-        shutil.rmtree(out)
-        res.writes[name] = w
-        extra = (w["hwm_kib"] - w["baseline_kib"]) * 1024
-        note = "" if w["reset"] else " (VmHWM could not be reset: includes building the state)"
+    for arm in ARMS:
+        worst = max(peak_x(r, res.ckpt_bytes) for r in res.runs[arm, k])
+        pressure = statistics.median(r["pressure"] for r in res.runs[arm, k])
         print(
-            f"| {name} | {w['files']} | {w['largest_file'] / MIB:.1f} MiB | {w['largest_tensor'] / MIB:.1f} MiB "
-            f"| {extra / MIB:.1f} MiB{note} | {fmt_s(w['seconds'])} |"
+            f"| {LABELS[arm]} | {spread(totals[arm])} | {med[arm] / med[FLOOR]:.2f}x "
+            f"| {med[arm] / med[OURS]:.2f}x | {worst:.2f}x | {100 * pressure:.0f}% |"
         )
+    paired = [o["total"] / f["total"] for o, f in zip(res.runs[OURS, k], res.runs[FLOOR, k], strict=True)]
+    print(
+        f"\nours / floor round by round: median {statistics.median(paired):.2f}x "
+        f"[{min(paired):.2f}-{max(paired):.2f}]. CPU pressure: the share of the run's wall time in which some "
+        "task on the machine waited for a CPU (/proc/pressure/cpu; other users' work included)."
+    )
+    floor = res.runs[FLOOR, k]
+    sha_in = part(floor, "sha256 inputs")
+    write, sha_out = part(floor, "write"), part(floor, "sha256 output")
+    piped, fsync = part(floor, "write+hash overlapped (info)"), part(floor, "fsync (info)")
+    print(
+        f"\nfloor parts (median): sha256 of the inputs {sha_in:.2f} s ({res.input_bytes[k] / sha_in / 1e9:.2f} "
+        f"GB/s), write {write:.2f} s, sha256 of the output {sha_out:.2f} s; floor = their sum. Writing while "
+        f"a second thread hashes: {piped:.2f} s instead of {write + sha_out:.2f} s (the overlap); fsync of "
+        f"the output {fsync:.2f} s (not in the floor). The floor's memory is the averaged state dict it "
+        "writes, loaded before timing."
+    )
+    return med
 
 
-def checks(res: Results, summary: dict[int, dict[str, float]]) -> list[tuple[str, bool]]:
-    lines = []
-    for name, w in res.writes.items():
-        if name == "one file":
-            continue
-        extra = (w["hwm_kib"] - w["baseline_kib"]) * 1024
-        lines.append(
-            (
-                f"target: writing {name}: peak RSS beyond the state dict <= one shard: "
-                f"{extra / MIB:.1f} MiB ({extra / res.shard_bytes:.2f} shards)",
-                extra <= res.shard_bytes and w["files"] > 1,
-            )
-        )
+def breakdown(res: Results) -> None:
+    """Where ours' time goes, next to the floor's parts."""
+    print("\n### Where the time of ours goes (median s), against the floor's parts\n")
+    keys = ["verify", "sum", "write", "sha256", "finite", "fsync", "other"]
+    print("| k | " + " | ".join(f"ours {k}" for k in keys) + " | ours total "
+          "| floor: sha256 inputs | write | sha256 output | floor total | ours - floor |")  # fmt: skip
+    print("|---:|" + "---:|" * (len(keys) + 6))
     for k in res.ks:
-        cmp = run_child("compare", {"a": res.kept[SOUP, k], "b": res.kept[NAIVE, k]})
-        problems = f": {'; '.join(cmp['problems'])}" if cmp["problems"] else ""
-        lines.append(
-            (
-                f"sanity: k={k}: (1) and (2) give the same {cmp['tensors']} tensors "
-                f"(max |diff| {cmp['max_abs_diff']:.1e}){problems}",
-                not cmp["problems"],
-            )
+        ours, floor = res.runs[OURS, k], res.runs[FLOOR, k]
+        cells = [f"{part(ours, key):.2f}" for key in keys]
+        fl = [part(floor, key) for key in ("sha256 inputs", "write", "sha256 output")]
+        o, f = statistics.median(r["total"] for r in ours), statistics.median(r["total"] for r in floor)
+        print(
+            f"| {k} | {' | '.join(cells)} | {o:.2f} | {' | '.join(f'{x:.2f}' for x in fl)} | {f:.2f} | {o - f:+.2f} |"
         )
-        if res.shard_bytes:
-            files = {r["files"] for v in VARIANTS for r in res.runs[v, k]}
-            lines.append((f"sanity: k={k}: every output was written as {files} shards", min(files) > 1))
-        digests = {r["sha256"] for r in res.runs[SOUP, k]}
-        lines.append(
-            (
-                f"sanity: k={k}: (1) wrote byte-identical files in all {len(res.runs[SOUP, k])} rounds",
-                len(digests) == 1,
-            )
-        )
+    print("\n### Reference arms (median s)\n")
+    print("| k | arm | load | sum | save | total |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for k in res.ks:
+        for arm in (FAIRSEQ, TIMM):
+            runs = res.runs[arm, k]
+            cells = " | ".join(f"{part(runs, key):.2f}" for key in ("load", "sum", "save"))
+            print(f"| {k} | {arm} | {cells} | {statistics.median(r['total'] for r in runs):.2f} |")
+
+
+def checks(res: Results, members: dict, medians: dict[int, dict[str, float]]) -> list[tuple[str, bool]]:
+    lines = []
+    for k in res.ks:
+        outputs = {arm: res.kept[arm, k] for arm in ARMS}
+        found = run_child("compare", {"reference": members["references"][str(k)], "outputs": outputs})
+        for arm, cmp in found.items():
+            problems = f": {'; '.join(cmp['problems'])}" if cmp["problems"] else ""
+            lines.append((f"sanity: k={k}: {arm} gives the reference average's {cmp['tensors']} tensors "
+                          f"(max |diff| {cmp['max_abs_diff']:.1e}){problems}", not cmp["problems"]))  # fmt: skip
+        piped = all(r["piped_same_digest"] for r in res.runs[FLOOR, k])
+        lines.append((f"sanity: k={k}: the overlapped write+hash wrote the same bytes as save_file", piped))
     inherited = [
         r
         for rs in res.runs.values()
@@ -731,102 +642,111 @@ def checks(res: Results, summary: dict[int, dict[str, float]]) -> list[tuple[str
         ("sanity: ru_maxrss = VmHWM in every child (no peak RSS inherited from the parent)", not inherited)
     )
     for k in res.ks:
-        rss = summary[k]["rss"]
-        lines.append(
-            (
-                f"target: k={k}: peak RSS of (1) above baseline <= {RSS_TARGET}x one checkpoint: {rss:.2f}x",
-                rss <= RSS_TARGET,
-            )
-        )
-    for k in res.ks:
-        soup, read = summary[k]["soup"], summary[k]["read"]
-        lines.append(
-            (
-                f"target: k={k}: wall time of (1) <= {TIME_TARGET}x reading the k files (warm): "
-                f"{soup:.2f} s / {read:.2f} s = {soup / read:.1f}x",
-                soup <= TIME_TARGET * read,
-            )
-        )
+        ours, floor = medians[k][OURS], medians[k][FLOOR]
+        lines.append((f"target: k={k}: ours <= {TARGET}x the floor: {ours:.2f} s / {floor:.2f} s = {ours / floor:.2f}x",
+                      ours <= TARGET * floor))  # fmt: skip
     return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=float, help="MiB per checkpoint (default 200, with --quick 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="32 MiB checkpoints, k=2, 1 round: a smoke run, not a measurement",
-    )
-    parser.add_argument(
-        "--layout",
-        choices=("transformer", "convnet"),
-        default="transformer",
-        help="413 tensors, the largest 18%% of the checkpoint (default), or 3002 small ones",
-    )
-    parser.add_argument(
-        "--shard-mb",
-        type=float,
-        help="write the members and the outputs sharded at this many MiB (e.g. 50); default: one file each",
-    )
-    parser.add_argument("--tmp", help="where to write the checkpoints (default: the system temp folder)")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
-        return 0
+# -- main -----------------------------------------------------------------------------
 
-    ks = [2] if args.quick else [2, 8]
-    size_mb = args.size_mb or (32 if args.quick else 200)
-    repeats = 1 if args.quick else args.repeats
-    size_bytes = int(size_mb * MIB)
-    shard_bytes = int(args.shard_mb * MIB) if args.shard_mb else None
-    tmp_root = Path(args.tmp or tempfile.gettempdir())
-    usage = shutil.disk_usage(tmp_root)
-    need = (max(ks) + len(VARIANTS) * len(ks) + 2) * size_bytes * 1.1
-    print(
-        f"{os.cpu_count()} CPUs, {load_average()}; {tmp_root}: {usage.free / 2**30:.1f} GiB free "
-        f"of {usage.total / 2**30:.1f} GiB, this run needs {need / 2**30:.1f} GiB"
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def library_state() -> str:
+    """The commit and whether the working tree's mlflow_ema/ differs from it."""
+    dirty = git("status", "--porcelain", "--", "mlflow_ema")
+    return f"HEAD {git('rev-parse', '--short', 'HEAD')}, working tree's mlflow_ema/ {'MODIFIED' if dirty else 'clean'}"
+
+
+def export_library(rev: str, tmp: Path) -> str:
+    """mlflow_ema/ as of ``rev``, exported under ``tmp``, first on the children's path."""
+    commit = git("rev-parse", "--verify", rev + "^{commit}")
+    lib = tmp / "lib"
+    lib.mkdir()
+    archive = subprocess.run(["git", "archive", commit, "mlflow_ema"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(lib)], input=archive, check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(lib), os.environ.get("PYTHONPATH")]))
+    return commit[:10]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=float, help="MiB per checkpoint (default 200, with --quick 16)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--quick", action="store_true", help="16 MiB members, 1 round: a smoke run")
+    parser.add_argument("--layout", choices=("transformer", "convnet"), default="transformer",
+                        help="413 tensors, the largest 18%% of the checkpoint (default), or 3002 small ones")  # fmt: skip
+    parser.add_argument("--tmp", help="where to write the checkpoints (default: the system temp folder)")
+    parser.add_argument(
+        "--at-commit",
+        metavar="REV",
+        help="benchmark mlflow_ema/ as of this git revision (exported to the temporary folder and put "
+        "first on the children's PYTHONPATH), not the working tree's",
     )
-    if usage.free < need:
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def check_space(tmp_root: Path, ks: list[int], size_bytes: int) -> None:
+    # members in two formats, a reference per k, and per k one kept output per arm plus the next one
+    need = (2 * max(ks) + len(ks) + len(ARMS) * len(ks) + 1) * size_bytes * 1.1
+    df = subprocess.run(["df", "-h", str(tmp_root)], capture_output=True, text=True, check=False).stdout
+    print(df.strip())
+    free = shutil.disk_usage(tmp_root).free
+    print(f"this run needs about {need / 2**30:.1f} GiB in {tmp_root}, {free / 2**30:.1f} GiB free")
+    if free < need:
         raise SystemExit(f"not enough disk space in {tmp_root}")
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    if available < 2 * (max(ks) + 2) * size_bytes:
+    if available < (2 * max(ks) + 8) * size_bytes:
         print(f"warning: {available / 2**30:.1f} GiB available: the members may not stay in the page cache")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
+        return 0
+    ks = [2, 8]
+    size_bytes = int((args.size_mb or (16 if args.quick else 200)) * MIB)
+    repeats = 1 if args.quick else args.repeats
+    tmp_root = Path(args.tmp or tempfile.gettempdir())
+    print(f"{os.cpu_count()} CPUs, {load_average()}; {library_state()}")
+    check_space(tmp_root, ks, size_bytes)
     print(
         f"{args.layout} checkpoint: {describe(layout(size_bytes, args.layout))}; k = {ks}; {repeats} rounds"
     )
-    if shard_bytes:
-        print(f"members and outputs sharded at {args.shard_mb:g} MiB (max_shard_size={shard_bytes})")
-
     tmp = Path(tempfile.mkdtemp(prefix="mlflow-ema-bench-average-", dir=tmp_root))
     try:
+        if args.at_commit:
+            print(f"benchmarking mlflow_ema/ as of {args.at_commit} = {export_library(args.at_commit, tmp)}")
         start = time.perf_counter()
         members = run_child(
-            "generate",
-            {"dir": str(tmp), "k": max(ks), "size_bytes": size_bytes, "layout": args.layout,
-             "max_shard_size": shard_bytes},
-        )["paths"]  # fmt: skip
-        weights = sorted(Path(members[0]).glob("*.safetensors"))
-        ckpt_bytes = sum(f.stat().st_size for f in weights)
-        print(
-            f"wrote {len(members)} checkpoints of {ckpt_bytes / MIB:.1f} MiB "
-            f"({', '.join(f'{f.name} {f.stat().st_size / MIB:.1f} MiB' for f in weights)}) "
-            f"in {time.perf_counter() - start:.1f} s"
+            "generate", {"dir": str(tmp), "ks": ks, "size_bytes": size_bytes, "layout": args.layout}
         )
-        gbytes = {k: sum(f.stat().st_size for f in files_of(members[:k])) for k in ks}
-        res = Results(ks, ckpt_bytes, gbytes, shard_bytes=shard_bytes)
-        warm_rounds(res, members, tmp, repeats)
-        summary = report(res)
-        cold_pass(res, members, tmp)
-        write_memory(res, size_bytes, args.layout, tmp)
-        lines = checks(res, summary)
+        ckpt_bytes = (Path(members["folders"][0]) / "model.safetensors").stat().st_size
+        pt_bytes = Path(members["pts"][0]).stat().st_size
+        print(f"children import mlflow_ema from {members['library']}")
+        print(f"wrote {len(members['folders'])} members: checkpoint folders of {ckpt_bytes / MIB:.1f} MiB "
+              f"(model.safetensors) and .pt files of {pt_bytes / MIB:.1f} MiB, in {time.perf_counter() - start:.0f} s")  # fmt: skip
+        input_bytes = {
+            k: sum(f.stat().st_size for d in members["folders"][:k] for f in Path(d).iterdir()) for k in ks
+        }
+        res = Results(ks, ckpt_bytes, input_bytes)
+        rounds(res, members, tmp, repeats)
+        medians = {k: table(res, k) for k in ks}
+        breakdown(res)
+        lines = checks(res, members, medians)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    print(f"\n{load_average()} at the end; removed {tmp}\n")
+    print(f"\n{load_average()} at the end; removed {tmp}; {library_state()}\n")
     return print_verdicts(lines, quick=args.quick)
 
 
