@@ -249,30 +249,47 @@ _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 
 
 def load_program(path: str | os.PathLike) -> ExportedModule:
-    """The program at ``path`` as a module, after :func:`check_pickle_free`."""
+    """The program at ``path`` as a module, after :func:`check_pickle_free`. Weights saved as
+    placeholders (:func:`save_program`) stay so until ``load_state_dict`` gives them values."""
     check_pickle_free(path)
     try:
         program = torch.export.load(path)
     except Exception as e:
         raise CheckpointError(f"{path}: torch.export.load failed: {type(e).__name__}: {e}") from None
-    for name, tensor in list(program.state_dict.items()):  # placeholders become real tensors to load into
-        if 0 in tensor.stride() and tensor.numel() > 1:
-            full = tensor.contiguous()
-            is_param = isinstance(tensor, nn.Parameter)
-            program.state_dict[name] = nn.Parameter(full, tensor.requires_grad) if is_param else full
     return ExportedModule(program.module())
+
+
+@contextlib.contextmanager
+def by_reference(module: nn.Module) -> Iterator[None]:
+    """Within it, an :class:`ExportedModule`'s ``load_state_dict`` takes the given tensors as
+    its own instead of copying them (one of another dtype or device is converted first): no
+    second copy of the weights, for a state dict that nothing writes to afterwards. Other
+    modules copy as usual."""
+    if not isinstance(module, ExportedModule):
+        yield
+        return
+    module.by_reference = True
+    try:
+        yield
+    finally:
+        module.by_reference = False
+
+
+def _is_placeholder(tensor: torch.Tensor) -> bool:
+    return tensor.numel() > 1 and 0 in tensor.stride()
 
 
 class ExportedModule(nn.Module):
     """A thin module around an exported program: ``forward`` calls it; ``train()`` and
     ``eval()`` only set the flag (the program was exported in eval mode and cannot switch:
     its own ``train()`` raises); ``state_dict()`` and ``load_state_dict()`` are the program's,
-    under the original model's names."""
+    under the original model's names (see :func:`by_reference`)."""
 
     def __init__(self, program: nn.Module) -> None:
         super().__init__()
         self.program = program
         self.training = False
+        self.by_reference = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.program(*args, **kwargs)
@@ -285,6 +302,21 @@ class ExportedModule(nn.Module):
         return self.program.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        own = self.program.state_dict(keep_vars=True)
+        if self.by_reference and not assign:
+            state_dict = {
+                k: v.to(dtype=own[k].dtype, device=own[k].device)
+                if k in own and isinstance(v, torch.Tensor)
+                else v
+                for k, v in state_dict.items()
+            }
+            return self.program.load_state_dict(state_dict, strict=strict, assign=True)
+        if not assign:  # a placeholder (one zero broadcast) cannot be copied into: memory first, unfilled
+            for name in state_dict:
+                if name in own and _is_placeholder(own[name]):
+                    own[name].data = torch.empty(
+                        own[name].shape, dtype=own[name].dtype, device=own[name].device
+                    )
         return self.program.load_state_dict(state_dict, strict=strict, assign=assign)
 
 

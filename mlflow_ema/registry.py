@@ -33,6 +33,7 @@ from mlflow_ema._version import __version__
 from mlflow_ema.architecture import load_weights
 from mlflow_ema.checkpoint import DEFAULT_MAX_SHARD_SIZE, Manifest, save_checkpoint, weights_digest
 from mlflow_ema.errors import RegistryError
+from mlflow_ema.programs import by_reference
 from mlflow_ema.selection import Candidate
 from mlflow_ema.soup_model import SoupModel, log_soup_model
 from mlflow_ema.tags import (
@@ -184,7 +185,9 @@ def register_soup(
     check_model_name(name)
     if alias:
         check_alias(alias)
-    load_weights(model.module, state_dict, what="the averaged weights")
+    # an exported program takes the soup's tensors, not a copy: nothing writes to them from here on
+    with by_reference(model.module):
+        load_weights(model.module, state_dict, what="the averaged weights")
     existed = _registered_model_exists(name)
     made: dict[str, Any] = {}  # what exists so far, for the clean-up
     try:

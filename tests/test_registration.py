@@ -1,6 +1,7 @@
 """Registering a soup writes its weights once per copy MLflow needs: the run's ``soup/``
 checkpoint goes straight into a local store (staged, then renamed), is uploaded only to
-other stores, and a failure while writing it leaves nothing half-made either way."""
+other stores, and a failure while writing it leaves nothing half-made either way. The
+program the weights go into takes the soup's tensors, not a copy of them."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from helpers import run_cli
 from mlflow import MlflowClient
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+from torch import nn
 
 import mlflow_ema
 import mlflow_ema.checkpoint as checkpoint
+import mlflow_ema.programs as programs
 import mlflow_ema.registry as registry
+from mlflow_ema.architecture import load_weights
+from mlflow_ema.inputs import describe_inputs
 
 AVERAGE = ("average", "-e", "sweep", "--top-k", "2")
 
@@ -64,15 +70,17 @@ def test_a_local_store_gets_the_soup_checkpoint_written_in_place(cli, monkeypatc
     monkeypatch.setattr(LocalArtifactRepository, "log_artifacts",
                         lambda self, local_dir, artifact_path=None: uploads.append(artifact_path)
                         or upload(self, local_dir, artifact_path))  # fmt: skip
+    before = {r.info.run_id for r in _soup_runs(3)}
     cli(*AVERAGE, "--register-as", "soup")
     assert "soup" not in uploads and uploads  # the model folder is still MLflow's own upload
-    (run,) = _soup_runs()
+    (run,) = [r for r in _soup_runs() if r.info.run_id not in before]
     folder = _artifact_folder(run)
     assert sorted(p.name for p in folder.iterdir()) == ["soup", "soup.png"]  # no staging folder left
-    version = MlflowClient().get_model_version("soup", "1")
-    soup = mlflow_ema.load_checkpoint("models:/soup/1")  # verified against the version's sha256 tag
+    (version,) = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")
+    uri = f"models:/soup/{version.version}"
+    soup = mlflow_ema.load_checkpoint(uri)  # verified against the version's sha256 tag
     assert checkpoint.weights_digest(soup.manifest) == version.tags["mlflow_ema.sha256"]
-    assert mlflow.pytorch.load_model("models:/soup/1") is not None
+    assert mlflow.pytorch.load_model(uri) is not None
 
 
 def _full_disk_after_writing(save):
@@ -111,3 +119,44 @@ def test_a_full_disk_while_writing_the_soup_leaves_no_run_and_no_model(cli, monk
     assert left.info.lifecycle_stage == "deleted" and left.data.tags["mlflow_ema.incomplete"] == "true"
     folder = _artifact_folder(left)
     assert not list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.partial"))
+
+
+# -- the program the soup's weights go into -------------------------------------------------------
+
+
+def _program(tmp_path: Path) -> tuple[nn.Module, programs.ExportedModule]:
+    """A model with a BatchNorm (buffers too) and its program saved without weights, loaded back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10)).eval()
+    model[1].running_mean.uniform_()
+    spec = describe_inputs((torch.randn(4, 64),), {}, model_class="tests:model")
+    programs.save_program(programs.export_model(model, spec), tmp_path / "program.pt2", weights=False)
+    return model, programs.load_program(tmp_path / "program.pt2")
+
+
+def test_a_program_is_loaded_with_placeholders_and_copies_weights_into_them(tmp_path):
+    model, module = _program(tmp_path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 64)
+    assert torch.equal(module(x), torch.zeros(5, 10))  # placeholders are zeros, and run
+    load_weights(module, state)
+    assert torch.equal(module(x), model(x))
+    state["3.bias"] += 1  # copied: the module does not follow its source
+    assert torch.equal(module(x), model(x))
+
+
+def test_by_reference_takes_the_tensors_and_converts_another_dtype(tmp_path):
+    model, module = _program(tmp_path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.weight"] = state["0.weight"].double()
+    with programs.by_reference(module):
+        load_weights(module, state)
+    own = module.state_dict()
+    assert own["3.weight"].data_ptr() == state["3.weight"].data_ptr()  # no second copy
+    assert own["1.running_mean"].data_ptr() == state["1.running_mean"].data_ptr()
+    assert own["0.weight"].dtype == torch.float32  # the program's dtype stays
+    x = torch.randn(5, 64)
+    assert torch.allclose(module(x), model(x))
+    assert not module.by_reference
+    load_weights(module, {k: v.clone() for k, v in model.state_dict().items()})  # copies again afterwards
+    assert own["3.weight"].data_ptr() == module.state_dict()["3.weight"].data_ptr()
