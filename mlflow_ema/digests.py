@@ -25,7 +25,7 @@ _CHUNK = 1 << 20  # bytes read at a time to fill a gap
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 # Chunks hashed per job: fewer hand-offs between threads, and the main thread runs that far
 # ahead of the hashing before it waits. Each member has twice as many chunk buffers.
-_CHUNKS_PER_JOB = 8
+_CHUNKS_PER_JOB = 2
 
 
 class FileDigest:

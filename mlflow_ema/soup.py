@@ -46,6 +46,9 @@ from mlflow_ema.errors import AveragingError, CheckpointError
 # Elements summed at a time: 256 KiB of fp64 accumulator stays in the CPU cache, and torch
 # runs an op this small on one thread (two threads stall each other on a busy machine).
 _SUM_CHUNK = 1 << 15
+# Chunks read from each member at a time: fewer, larger reads (and hand-offs to the threads
+# that hash them) for the same small accumulator.
+_SUMS_PER_READ = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +179,7 @@ def _stream(
         for m, manifest in zip(members, manifests, strict=True):
             readers.append(_as_member(m, WeightsReader, m.path, manifest, label=m.name))
         names = _check_layouts(readers, manifests)
-        reads = MemberReads(readers, verify=verify, chunk_bytes=_SUM_CHUNK * 8)
+        reads = MemberReads(readers, verify=verify, chunk_bytes=_SUM_CHUNK * _SUMS_PER_READ * 8)
         out: dict[str, torch.Tensor] = {}
         for done, name in enumerate(readers[0].in_file_order(), 1):
             out[name] = _average_one(name, reads, weights, accumulate, dtype)
@@ -306,16 +309,20 @@ def _average_one(
     numel = math.prod(shape)
     out = torch.empty(numel, dtype=dtype or kind)
     acc = torch.empty(min(_SUM_CHUNK, numel), dtype=accumulate)
-    for lo in range(0, numel, _SUM_CHUNK):
-        n = min(_SUM_CHUNK, numel - lo)
-        chunk = acc[:n]
-        chunk.copy_(reads.read(0, name, lo, n, kind)).mul_(weights[0])
-        for j in range(1, len(weights)):
-            chunk.add_(reads.read(j, name, lo, n, kind), alpha=weights[j])
+    step = _SUM_CHUNK * _SUMS_PER_READ
+    for lo in range(0, numel, step):
+        n = min(step, numel - lo)
+        parts = [reads.read(j, name, lo, n, kind) for j in range(len(weights))]
+        for sub in range(0, n, _SUM_CHUNK):
+            m = min(_SUM_CHUNK, n - sub)
+            chunk = acc[:m]
+            chunk.copy_(parts[0][sub : sub + m]).mul_(weights[0])
+            for part, weight in zip(parts[1:], weights[1:], strict=True):
+                chunk.add_(part[sub : sub + m], alpha=weight)
+            if not _finite(chunk):
+                raise AveragingError(f"the average of {name!r} is not finite")
+            out[lo + sub : lo + sub + m].copy_(chunk)
         reads.chunk_done()
-        if not _finite(chunk):
-            raise AveragingError(f"the average of {name!r} is not finite")
-        out[lo : lo + n].copy_(chunk)
     return out.view(shape)
 
 
