@@ -1,18 +1,22 @@
 """Averaging checkpoints (SWA, model soups), one tensor at a time.
 
-For each tensor name the members' tensors are read from whichever file holds them
-(``model.safetensors`` or a shard: members may differ in layout, tensors are matched by
-name), 32K elements at a time by positional reads into one reusable buffer, and summed
-with their weights into one small accumulator (fp32, or fp64 by option) that stays in the
-CPU cache, then cast into the output in the inputs' dtype (or ``dtype``). Memory therefore grows with the size of one checkpoint (the output),
-not with the number of members. Integer tensors (``num_batches_tracked``) are taken from the
-first, best-ranked member, never divided.
+Tensors are taken in the first member's file order. Each member's part of a tensor is read
+from whichever file holds it (``model.safetensors`` or a shard: members may differ in
+layout, tensors are matched by name), 256K elements at a time by positional reads into
+buffers of the member's own, and summed with their weights, 32K elements at a time, into
+one small accumulator (fp32, or fp64 by option) that stays in the CPU cache, then cast into
+the output in the inputs' dtype (or ``dtype``). Memory therefore grows with the size of one
+checkpoint (the output) and a few MiB a member. Integer tensors (``num_batches_tracked``)
+are taken from the first, best-ranked member, never divided.
 
-Before any arithmetic every member is checked: sha256 of every file against its manifest
-(all members' files in parallel threads), a sharded member's index against its shards, the
-same tensor names, shapes and dtypes, the same init fingerprint (runs that did not start
-from the same weights average to garbage; ``allow_different_init`` overrides) and finite
-weights. The same members and weights always give a byte-identical output.
+Before any arithmetic every member is checked: every file's size (and the sha256 of the
+files not averaged: a sharded member's index, a training state), a sharded member's index
+against its shards, the same tensor names, shapes and dtypes, the same init fingerprint
+(runs that did not start from the same weights average to garbage;
+``allow_different_init`` overrides) and finite weights. The weight files' sha256 are
+computed from the bytes the averaging reads (:mod:`mlflow_ema.digests`) and checked before
+the average is returned, so nothing made from a corrupt member is written. The same
+members and weights always give a byte-identical output.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``mlflow-ema average`` as a library call: select, download, average, evaluate, register.
 
 Every step that can fail on bad input runs before anything is written to MLflow: the
-registered-model name is checked first, the members are verified and checked against
-each other before any arithmetic, and the model version is created last.
+registered-model name is checked first, the members are checked against each other before
+any arithmetic and their sha256 verified before the average is used, and the model version
+is created last.
 """
 
 from __future__ import annotations
