@@ -1,6 +1,7 @@
 """Benchmark: the EMA of an FSDP2-sharded model, per shard against gather-then-average.
 
-Two ranks (gloo on the CPU, started with torchrun by this script) shard a ~24M-parameter
+Two ranks (gloo on the CPU, or with ``--device cuda`` NCCL with one GPU a rank; started
+with torchrun by this script) shard a ~24M-parameter
 model of Linear + LayerNorm blocks with ``fully_shard``. Compared in the same processes,
 interleaved in rounds (order rotating), median milliseconds per update on rank 0:
 
@@ -15,7 +16,10 @@ Also printed: the EMA memory per rank of both, and the time of one checkpoint ga
 
 Run from the repository root (about 1 minute)::
 
-    .venv/bin/python benchmarks/fsdp_ema.py [--rounds 10] [--quick]
+    .venv/bin/python benchmarks/fsdp_ema.py [--rounds 10] [--quick] [--device cuda]
+
+With ``--device cuda`` every timing round ends with ``torch.cuda.synchronize()`` on each
+rank, so it times the kernels and the all-gathers, not their launches.
 
 Exits with status 1 if a sanity check or the target (this EMA at least 5x faster than
 gather-then-average) fails.
@@ -52,9 +56,13 @@ def wide_model(width: int = 564, depth: int = 75) -> nn.Module:
 def run(args: argparse.Namespace) -> int:
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo")
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    model = wide_model()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    model = wide_model().to(device)
     for block in model:
         fully_shard(block)
     fully_shard(model)
@@ -91,11 +99,11 @@ def run(args: argparse.Namespace) -> int:
             methods[name]()
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                dist.barrier()
+                _sync(cuda)
                 start = time.perf_counter()
                 for _ in range(repeats):
                     methods[name]()
-                dist.barrier()
+                _sync(cuda)
                 times[name].append((time.perf_counter() - start) / repeats * 1000)
     dist.barrier()
     start = time.perf_counter()
@@ -106,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         n = sum(p.numel() for p in params)
         ours = sum(t.numel() * t.element_size() for t in ema.state_dict()["shadow"].values())
         theirs = sum(t.numel() * t.element_size() for t in full_shadow)
-        print(f"{n:,} parameters in {len(params)} tensors, 2 ranks (gloo, CPU), {args.rounds} rounds\n")
+        backend = "NCCL, CUDA" if cuda else "gloo, CPU"
+        print(f"{n:,} parameters in {len(params)} tensors, 2 ranks ({backend}), {args.rounds} rounds\n")
         print("| method | ms / update (median) | vs this EMA |")
         print("|---|---|---|")
         base = statistics.median(times["this EMA"])
@@ -131,11 +140,23 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+def _sync(cuda: bool) -> None:
+    """Every rank here, and (on GPUs) every kernel queued so far done."""
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    if cuda:
+        torch.cuda.synchronize()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL, one GPU a rank")
     args = parser.parse_args()
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        parser.error(f"--device cuda needs 2 GPUs, this machine has {torch.cuda.device_count()}")
     if "LOCAL_RANK" not in os.environ:  # not under torchrun yet: start the two ranks
         command = [
             sys.executable,
