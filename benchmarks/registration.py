@@ -15,9 +15,11 @@ there, so artifacts go to its ``./mlruns``):
    AverageOptions(experiments=[...], top_k=members, checkpoint="last", metric="ema/val_acc",
    register_as="soup"))``, split into phases by wrapping the library functions it calls with
    timers (in this script only; nothing of the package is changed): selection, the architecture
-   (download, pickle check, ``torch.export.load``), the members' download, their sha256
-   verification, the averaging, loading the soup's weights into the program, the soup run's own
-   logging (params, metrics, the ``soup/`` checkpoint, the chart), ``log_model`` (split into
+   (download, pickle check, ``torch.export.load``), the members' download, the averaging
+   (``average_checkpoints``: sizes and the other files' sha256 first, the weight files' sha256
+   computed from the bytes it reads, on threads, and waited for at the end), loading the soup's
+   weights into the program, the soup run's own logging (params, metrics, the ``soup/``
+   checkpoint, written in place in this local store, the chart), ``log_model`` (split into
    signature inference, ``torch.export.export``, ``torch.export.save``, MLflow's validation of the
    serving input example, which loads the saved model back, and the copy to the artifact store)
    and ``register_model``.
@@ -74,6 +76,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 import mlflow_ema
+import mlflow_ema.digests as digests
 import mlflow_ema.programs as programs
 import mlflow_ema.registry as registry
 import mlflow_ema.soup as soup
@@ -194,8 +197,9 @@ SOUP_PHASES: list[tuple[Any, str, str]] = [
     (programs, "check_pickle_free", "pickle check"),
     (torch.export, "load", "torch.export.load"),
     (workflow, "_download", "download members"),
-    (workflow, "average", "average"),
-    (soup, "check_members", "verify sha256"),
+    (workflow, "average_checkpoints", "average"),
+    (soup, "_check_before_reading", "sizes, other files' sha256"),
+    (digests.MemberReads, "finish", "wait for the sha256 of the bytes read"),
     (registry, "load_weights", "load weights into the program"),
     (registry, "_log_soup", "soup run logging"),
     (registry, "save_checkpoint", "soup/ checkpoint (write, sha256, fsync)"),
@@ -306,7 +310,7 @@ def report_registration(
     print("|---|---:|---:|")
     subs = {
         "architecture": ["download", "pickle check", "torch.export.load"],
-        "average": ["verify sha256"],
+        "average": ["sizes, other files' sha256", "wait for the sha256 of the bytes read"],
         "soup run logging": ["soup/ checkpoint (write, sha256, fsync)", "soup.png chart"],
         "log_model": [p[2] for p in log_model_parts()],
     }
