@@ -515,26 +515,32 @@ class _SafetensorsFile:
             raise CheckpointError(
                 f"{label}: {name!r} has dtype {entry['dtype']}, which mlflow-ema cannot read"
             )
-        size = torch.empty((), dtype=dtype).element_size()
-        start, end = entry["data_offsets"]
         whole = count is None
-        count = (end - start) // size - first if whole else count
+        if whole:
+            start, end = entry["data_offsets"]
+            count = (end - start) // dtype.itemsize - first
         out = torch.empty(count, dtype=dtype) if out is None else out
-        view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
+        self.read_into(
+            name, first, memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b""), label
+        )
+        return out.view(entry["shape"]) if whole else out
+
+    def read_into(self, name: str, first: int, view: memoryview, label: str) -> None:
+        """The bytes of ``name`` from its element ``first`` on, as many as ``view`` holds."""
         if self._fd is None:
             try:
                 self._fd = os.open(self.file, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointError(f"{label}: cannot open {self.file.name} ({e})") from None
-        done, offset = 0, self.base + start + first * size
-        while done < count * size:
+        entry = self.entries[name]
+        done, offset = 0, self.base + entry["data_offsets"][0] + first * _ITEMSIZE[entry["dtype"]]
+        while done < len(view):
             n = os.preadv(self._fd, [view[done:]], offset + done)
             if n <= 0:
                 raise CheckpointError(
                     f"{label}: {name!r} ends early in {self.file.name}: the file is truncated"
                 )
             done += n
-        return out.view(entry["shape"]) if whole else out
 
     def close(self) -> None:
         if self._fd is not None:
@@ -657,6 +663,10 @@ class WeightsReader:
         """The safetensors dtype (``"F32"``...) and the shape of tensor ``name``."""
         return self._where[name].spec(name)
 
+    def read_into(self, name: str, first: int, view: memoryview) -> None:
+        """The bytes of tensor ``name`` from its element ``first`` on, into ``view``."""
+        self._switch_to(self._where[name]).read_into(name, first, view, self.label)
+
     def in_file_order(self) -> list[str]:
         """The tensor names, file by file, in the order of their data: reading them so is
         sequential."""
@@ -674,12 +684,15 @@ class WeightsReader:
     ) -> torch.Tensor:
         """Elements ``first`` to ``first + count`` of the flattened tensor (all of it, in its
         shape, by default), read into ``out`` when given."""
-        f = self._where[name]
+        return self._switch_to(self._where[name]).read(name, first, count, out, self.label)
+
+    def _switch_to(self, f: _SafetensorsFile) -> _SafetensorsFile:
+        """``f``, the one file open (one at a time)."""
         if f is not self._current:
             if self._current is not None:
                 self._current.close()
             self._current = f
-        return f.read(name, first, count, out, self.label)
+        return f
 
     def close(self) -> None:
         for f in self.files.values():

@@ -23,9 +23,6 @@ from mlflow_ema.checkpoint import WeightsReader
 _CHUNK = 1 << 20  # bytes read at a time to fill a gap
 # Hashing threads: sha256 runs at about 1.2 GB/s a core; beyond a few, reading is the limit.
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
-# Chunks hashed per job: fewer hand-offs between threads, and the main thread runs that far
-# ahead of the hashing before it waits. Each member has twice as many chunk buffers.
-_CHUNKS_PER_JOB = 2
 
 
 class FileDigest:
@@ -99,53 +96,90 @@ def _feed_all(batch: list[tuple[FileDigest, int, memoryview]]) -> None:
 
 
 class MemberReads:
-    """The members' chunks of a tensor, each read into a buffer of the member's own. With
-    ``verify``, the bytes read are hashed on worker threads while the next chunks are read
-    and summed: each member's buffers are used in turn, and a buffer is reused only once the
-    hashing of what it held is done."""
+    """Every member's part of a tensor, read into buffers of the member's own: consecutive
+    parts are packed one after the other, so the bytes of consecutive tensors stay one
+    range. With ``verify``, each member has two buffers used in turn: when one is full its
+    ranges go to the workers, which hash them while the other fills, and a buffer is
+    refilled only once the hashing of what it held is done. The members read alike (same
+    tensors, same sizes), so they fill their buffers alike."""
 
-    def __init__(self, readers: list[WeightsReader], *, verify: bool, chunk_bytes: int) -> None:
+    def __init__(self, readers: list[WeightsReader], *, verify: bool, buffer_bytes: int) -> None:
         self.readers = readers
-        turns = 2 * _CHUNKS_PER_JOB
-        self._buffers = [[torch.empty(chunk_bytes, dtype=torch.uint8) for _ in range(turns)] for _ in readers]
-        self._turn = 0  # which of each member's buffers this chunk is read into
+        self._size = buffer_bytes
+        turns = 2 if verify else 1
+        self._buffers = [
+            [torch.empty(buffer_bytes, dtype=torch.uint8) for _ in range(turns)] for _ in readers
+        ]
+        self._bytes = [[memoryview(b.numpy()) for b in buffers] for buffers in self._buffers]
+        self._typed: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}  # a buffer seen as a dtype
+        self._turn = 0  # which buffer of each member is being filled
+        self._fill = 0  # bytes of it in use
         self._workers = DigestWorkers() if verify else None
         self._digests: list[dict[str, FileDigest]] = [{} for _ in readers]  # file name -> its digest
-        self._batches: list[list[tuple[FileDigest, int, memoryview]]] = [[] for _ in range(_WORKERS)]
-        self._hashing: list[Future] = []  # the previous chunk's jobs: their buffers are read next
+        self._ranges: list[list[list]] = [[] for _ in readers]  # [file, offset, start, length] read this turn
+        self._hashing: list[list[Future]] = [[] for _ in range(turns)]  # jobs hashing each buffer
 
-    def read(self, member: int, name: str, first: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-        """Elements ``first`` to ``first + count`` of ``name`` in ``member``'s checkpoint."""
-        raw = self._buffers[member][self._turn][: count * dtype.itemsize]
-        reader = self.readers[member]
-        tensor = reader.read(name, first, count, out=raw.view(dtype))
-        if self._workers is not None:
-            file, offset = reader.locate(name, first)
-            digest = self._digests[member].get(file)
-            if digest is None:
-                digest = self._digests[member][file] = FileDigest(reader.path / file)
-            self._batches[self._workers.worker_of(member)].append((digest, offset, memoryview(raw.numpy())))
-        return tensor
+    def read(self, name: str, first: int, count: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Elements ``first`` to ``first + count`` of ``name``, from every member."""
+        size = count * dtype.itemsize
+        start = -(-self._fill // dtype.itemsize) * dtype.itemsize  # aligned for the dtype's view
+        if start + size > self._size:
+            self._next_turn()
+            start = 0
+        if size > self._size:
+            raise ValueError(f"a read of {size} bytes does not fit the {self._size}-byte buffers")
+        self._fill = start + size
+        parts = []
+        for member, reader in enumerate(self.readers):
+            reader.read_into(name, first, self._bytes[member][self._turn][start : start + size])
+            parts.append(self._typed_buffer(member, dtype)[start // dtype.itemsize :][:count])
+            if self._workers is not None:
+                self._note(member, *reader.locate(name, first), start, size)
+        return parts
 
-    def chunk_done(self) -> None:
-        """This chunk is summed. Every ``_CHUNKS_PER_JOB`` chunks, their bytes go to the
-        workers, which hash them while the next ones are read into the other half of the
-        buffers (once the workers are done with that half)."""
+    def _typed_buffer(self, member: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (member, self._turn, dtype)
+        if key not in self._typed:
+            self._typed[key] = self._buffers[member][self._turn].view(dtype)
+        return self._typed[key]
+
+    def _note(self, member: int, file: str, offset: int, start: int, size: int) -> None:
+        """Member's bytes ``[offset, offset + size)`` of ``file`` are at ``start`` in its buffer."""
+        ranges = self._ranges[member]
+        if ranges:
+            last_file, last_offset, last_start, last_size = ranges[-1]
+            if last_file == file and last_offset + last_size == offset and last_start + last_size == start:
+                ranges[-1][3] += size  # follows the last range in the file and in the buffer: one range
+                return
+        ranges.append([file, offset, start, size])
+
+    def _next_turn(self) -> None:
+        """The buffers are full: hash them (verifying) and fill the other ones, once free."""
+        self._fill = 0
         if self._workers is None:
-            return
-        self._turn = (self._turn + 1) % len(self._buffers[0])
-        if self._turn % _CHUNKS_PER_JOB == 0:
-            for job in self._hashing:
-                job.result()
-            self._hashing = self._workers.submit(self._batches)
-            self._batches = [[] for _ in range(_WORKERS)]
+            return  # every part in the buffers is summed already
+        self._submit()
+        self._turn ^= 1
+        for job in self._hashing[self._turn]:
+            job.result()
+
+    def _submit(self) -> None:
+        batches: list[list[tuple[FileDigest, int, memoryview]]] = [[] for _ in range(len(self._workers))]
+        for member, ranges in enumerate(self._ranges):
+            view = self._bytes[member][self._turn]
+            for file, offset, start, size in ranges:
+                digest = self._digests[member].get(file)
+                if digest is None:
+                    digest = self._digests[member][file] = FileDigest(self.readers[member].path / file)
+                batches[self._workers.worker_of(member)].append((digest, offset, view[start : start + size]))
+            ranges.clear()
+        self._hashing[self._turn] = self._workers.submit(batches)
 
     def finish(self) -> None:
-        """Every chunk is read: wait until the workers have hashed them all."""
+        """Every part is read: wait until the workers have hashed them all."""
         if self._workers is not None:
-            self._hashing += self._workers.submit(self._batches)
-            self._batches = [[] for _ in range(_WORKERS)]
-            for job in self._hashing:
+            self._submit()
+            for job in self._hashing[0] + self._hashing[1]:
                 job.result()
 
     def hexdigest(self, member: int, file: str) -> str:

@@ -183,7 +183,7 @@ def _stream(
         for m, manifest in zip(members, manifests, strict=True):
             readers.append(_as_member(m, WeightsReader, m.path, manifest, label=m.name))
         names = _check_layouts(readers, manifests)
-        reads = MemberReads(readers, verify=verify, chunk_bytes=_SUM_CHUNK * _SUMS_PER_READ * 8)
+        reads = MemberReads(readers, verify=verify, buffer_bytes=_SUM_CHUNK * _SUMS_PER_READ * 8)
         out: dict[str, torch.Tensor] = {}
         for done, name in enumerate(readers[0].in_file_order(), 1):
             out[name] = _average_one(name, reads, weights, accumulate, dtype)
@@ -316,7 +316,7 @@ def _average_one(
     step = _SUM_CHUNK * _SUMS_PER_READ
     for lo in range(0, numel, step):
         n = min(step, numel - lo)
-        parts = [reads.read(j, name, lo, n, kind) for j in range(len(weights))]
+        parts = reads.read(name, lo, n, kind)
         for sub in range(0, n, _SUM_CHUNK):
             m = min(_SUM_CHUNK, n - sub)
             chunk = acc[:m]
@@ -326,7 +326,6 @@ def _average_one(
             if not _finite(chunk):
                 raise AveragingError(f"the average of {name!r} is not finite")
             out[lo + sub : lo + sub + m].copy_(chunk)
-        reads.chunk_done()
     return out.view(shape)
 
 
