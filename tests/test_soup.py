@@ -141,7 +141,7 @@ def _offset_of(checkpoint, name, element=0):
 @pytest.mark.parametrize(
     ("member", "where"),
     [
-        (2, lambda path: _offset_of(path, "w", 40)),  # summed data, past several chunks
+        (2, lambda path: _offset_of(path, "w", 1000)),  # summed data, past several buffers
         (1, lambda path: _offset_of(path, "n")),  # an integer buffer: taken from member 0, never read here
         (1, lambda path: (path / "model.safetensors", 20)),  # the header
         (0, lambda path: _offset_of(path, "v", 3)),  # a member read in another layout (sharded)
@@ -151,15 +151,15 @@ def _offset_of(checkpoint, name, element=0):
 def test_a_corrupt_byte_anywhere_in_a_member_is_refused_and_nothing_is_written(
     tmp_path, monkeypatch, member, where
 ):
-    monkeypatch.setattr(soup_module, "_SUM_CHUNK", 16)  # many chunks: the buffers alternate
+    monkeypatch.setattr(soup_module, "_SUM_CHUNK", 16)  # 1 KiB buffers: filled and hashed in turn
     g = torch.Generator().manual_seed(2)
-    states = [{"w": torch.randn(9, 11, generator=g), "v": torch.randn(50, generator=g), "n": torch.tensor(i)}
+    states = [{"w": torch.randn(40, 33, generator=g), "v": torch.randn(50, generator=g), "n": torch.tensor(i)}
               for i in range(3)]  # fmt: skip
     for i, state in enumerate(states):  # member 0 sharded, one tensor a file: read out of its file order
         save_checkpoint(tmp_path / f"m{i}", state, kind="ema", init_fingerprint="same",
                         max_shard_size=100 if i == 0 else None)  # fmt: skip
     paths = [tmp_path / f"m{i}" for i in range(3)]
-    assert mlflow_ema.average_checkpoints(paths)["w"].shape == (9, 11)  # intact: accepted
+    assert mlflow_ema.average_checkpoints(paths)["w"].shape == (40, 33)  # intact: accepted
     _flip_byte(*where(paths[member]))
     with pytest.raises(mlflow_ema.ChecksumMismatchError, match="does not match the manifest") as error:
         mlflow_ema.average_checkpoints(paths, tmp_path / "out")
