@@ -126,7 +126,8 @@ TOTAL_TARGET = 0.05  # B total wall time at most 5% above A
 SPIKE_TARGET = 2.0  # checkpoint step at most 2x the median step
 AFTER = 10  # steps after a checkpoint that may share the cores with its upload
 SEED = 0
-UPLOADER = "mlflow-ema-uploader"  # the name of autolog's upload thread
+# autolog's upload thread (mlflow-ema-uploader) and the helper threads it starts (sha256)
+UPLOADER_THREADS = ("mlflow-ema-",)
 THREADS = ("training thread", "other threads", "upload thread")
 ISOLATED_UPDATES = 20  # EMA.update() calls per isolated timing
 # glibc malloc's mmap and trim thresholds, fixed (see the module docstring)
@@ -422,7 +423,7 @@ def thread_kind(native_id: int | None = None) -> str:
         native_id = threading.get_native_id()
     if native_id == threading.main_thread().native_id:
         return THREADS[0]
-    if any(t.native_id == native_id for t in threading.enumerate() if t.name == UPLOADER):
+    if any(t.native_id == native_id for t in threading.enumerate() if t.name.startswith(UPLOADER_THREADS)):
         return THREADS[2]
     return THREADS[1]
 

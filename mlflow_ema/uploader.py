@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -197,9 +198,7 @@ class Uploader:
     # -- the background thread -----------------------------------------------------------
 
     def _work(self) -> None:
-        # Background work yields the cores to the training step (Linux: per-thread nice).
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        _background_priority()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._jobs or self._to_sync or self._closed)
@@ -346,6 +345,18 @@ class Uploader:
         message = f"{record.name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} (kept at {destination})"
         self.ledger.record_failure(job.run_id, message)
         _logger.warning("mlflow-ema: could not upload checkpoint %s", message)
+
+
+def _background_priority() -> None:
+    """Linux: this thread (and the helpers it starts, which inherit it) at nice 19, so the
+    training's threads keep the cores: a core taken from torch's OpenMP team stalls the whole
+    step while its other workers spin. Not SCHED_IDLE: training waits for this thread at
+    ``max_queue`` and at the run's end, and on a loaded machine an idle-class thread would
+    hardly run. Per thread on Linux only (elsewhere it would renice the process); a refusal
+    is not an error."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _wait_message(job: UploadJob, waited: float, queued: int, max_queue: int) -> str:
