@@ -36,6 +36,7 @@ from mlflow_ema.errors import RegistryError
 from mlflow_ema.programs import by_reference
 from mlflow_ema.selection import Candidate
 from mlflow_ema.soup_model import SoupModel, log_soup_model
+from mlflow_ema.stores import local_artifact_dir
 from mlflow_ema.tags import (
     TAG_INCOMPLETE,
     TAG_PROMOTED_AT,
@@ -267,14 +268,10 @@ def _log_soup(
 
 
 def _local_artifact_dir() -> Path | None:
-    """The active run's artifact folder when MLflow keeps it on this machine (its local
-    artifact repository: a ``file:`` URI or a plain path), else None (a server, a bucket)."""
+    """The active run's artifact folder when MLflow keeps it on this machine, else None."""
     import mlflow
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
-    repo = get_artifact_repository(mlflow.get_artifact_uri())
-    return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
+    return local_artifact_dir(mlflow.get_artifact_uri())
 
 
 def _registered_model_exists(name: str) -> bool:

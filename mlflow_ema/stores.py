@@ -54,6 +54,17 @@ def local_store_path(uri: str) -> Path | None:
     return None
 
 
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder behind ``artifact_uri`` when MLflow keeps those artifacts on this machine
+    (its local artifact repository: a ``file:`` URI or a plain path), else None (a server's
+    ``mlflow-artifacts:``, a bucket)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    repo = get_artifact_repository(artifact_uri)
+    return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
+
+
 def check_server(uri: str) -> None:
     """One GET of ``<uri>/health`` with a short timeout and no retries; any HTTP answer is
     fine. A refused connection, an unknown host or no answer in time is a one-line error."""

@@ -31,6 +31,7 @@ from mlflow_ema.registry import (
 from mlflow_ema.selection import Candidate, Selection, select
 from mlflow_ema.soup import AveragingError, Member, average_checkpoints, greedy_soup, normalized_weights
 from mlflow_ema.soup_model import SoupModel, soup_model
+from mlflow_ema.stores import local_artifact_dir
 from mlflow_ema.trust import resolve_callable, trusted_prefixes
 
 DTYPES = {
@@ -149,15 +150,19 @@ def _download(
     tmp: Path,
     progress: Callable[[str, int, int], None] | None,
 ) -> list[Member]:
+    """The members as local folders. A store on this machine is read in place (never
+    written: the averaging checks every file's size and sha256); others are downloaded."""
     import mlflow
 
     members = []
     for i, candidate in enumerate(candidates):
-        folder = tmp / f"{i:03d}-{candidate.model_id}"
-        folder.mkdir()
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=candidate.artifact_location, dst_path=str(folder)
-        )
+        local = local_artifact_dir(candidate.artifact_location)
+        if local is None or not local.is_dir():
+            folder = tmp / f"{i:03d}-{candidate.model_id}"
+            folder.mkdir()
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=candidate.artifact_location, dst_path=str(folder)
+            )
         members.append(Member(Path(local), weight=weights[i], label=candidate.label))
         if progress:
             progress("downloading", i + 1, len(candidates))

@@ -410,3 +410,22 @@ def test_inspect_shows_the_manifest_and_tensors(cli):
     text = cli("inspect", f"models:/{top['model_id']}")
     assert "(verified)" in text and "1.num_batches_tracked" in text
     assert "no checkpoint folder" in cli("inspect", "/nonexistent", code=1)
+
+
+def test_a_local_store_is_read_in_place_and_left_as_it_was(cli, sweep, tmp_path, monkeypatch):
+    """Members in a store on this machine are averaged where they are (no 2 x k copies);
+    nothing is written there."""
+    folder, _ = sweep
+    store = folder / "mlruns"
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local store's checkpoint was downloaded")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", no_download)
+    out = cli("average", "-e", "digits", "--top-k", "3", "--output", str(tmp_path / "soup"))
+    assert (
+        "averaged 3 checkpoints" in out
+        and mlflow_ema.load_checkpoint(tmp_path / "soup").manifest.kind == "soup"
+    )
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before

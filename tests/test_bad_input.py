@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import http.server
 import json
 import os
@@ -212,32 +211,6 @@ def test_run_refuses_a_deleted_run_and_applies_status(cli):
 
 
 # -- nothing half-made ---------------------------------------------------------------------------
-
-
-def test_a_full_disk_mid_upload_leaves_no_soup_run_and_no_registered_model(cli, monkeypatch):
-    """The artifact store fills up while the soup is copied: a truncated file, then ENOSPC."""
-    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
-
-    def full_disk(self, local_dir, artifact_path=None):
-        source = next(Path(local_dir).glob("*.safetensors"))
-        target = Path(self.artifact_dir) / (artifact_path or "") / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(source.read_bytes()[:100])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", full_disk)
-    before = {r.info.run_id for r in soup_runs(3)}
-    line = one_error(cli(*AVERAGE, "--register-as", "soup", "--alias", "candidate", code=1))
-    assert (
-        "No space left on device" in line
-        and "deleted the soup run" in line
-        and "nothing was registered" in line
-    )
-    assert MlflowClient().search_registered_models() == []
-    (left,) = [r for r in soup_runs(3) if r.info.run_id not in before]
-    assert left.info.lifecycle_stage == "deleted" and left.data.tags["mlflow_ema.incomplete"] == "true"
-    artifacts = Path(left.info.artifact_uri.removeprefix("file://"))
-    assert not list(artifacts.rglob("*.safetensors"))
 
 
 def test_a_failure_after_registering_removes_the_version_but_not_an_existing_model(cli, monkeypatch):

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import test_bad_input
 import torch
-from helpers import run_cli
 from mlflow import MlflowClient
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+from test_bad_input import AVERAGE, one_error, soup_runs
 from torch import nn
 
 import mlflow_ema
@@ -23,41 +24,7 @@ import mlflow_ema.registry as registry
 from mlflow_ema.architecture import load_weights
 from mlflow_ema.inputs import describe_inputs
 
-AVERAGE = ("average", "-e", "sweep", "--top-k", "2")
-
-
-@pytest.fixture
-def cli(small_sweep, tmp_path, monkeypatch):
-    """The click app in-process on the shared sweep; soups and registered models removed after."""
-    _, uri = small_sweep
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EMA_TRUST_MODULES", "helpers")
-    mlflow.set_tracking_uri(uri)
-    yield run_cli
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
-    for model in client.search_registered_models():
-        client.delete_registered_model(model.name)
-    for run in _soup_runs():
-        client.delete_run(run.info.run_id)
-    mlflow.set_tracking_uri(None)
-
-
-def _soup_runs(view: int = 1) -> list:
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("sweep-soups")
-    if experiment is None:
-        return []
-    return client.search_runs(
-        [experiment.experiment_id], "attributes.run_name LIKE 'soup-%'", run_view_type=view
-    )
-
-
-def _one_error(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("mlflow-ema: error: "), output
-    return lines[0]
+cli = test_bad_input.cli  # the fixture: the click app on the shared sweep, registry emptied after
 
 
 def _artifact_folder(run) -> Path:
@@ -70,10 +37,10 @@ def test_a_local_store_gets_the_soup_checkpoint_written_in_place(cli, monkeypatc
     monkeypatch.setattr(LocalArtifactRepository, "log_artifacts",
                         lambda self, local_dir, artifact_path=None: uploads.append(artifact_path)
                         or upload(self, local_dir, artifact_path))  # fmt: skip
-    before = {r.info.run_id for r in _soup_runs(3)}
+    before = {r.info.run_id for r in soup_runs(3)}
     cli(*AVERAGE, "--register-as", "soup")
     assert "soup" not in uploads and uploads  # the model folder is still MLflow's own upload
-    (run,) = [r for r in _soup_runs() if r.info.run_id not in before]
+    (run,) = [r for r in soup_runs() if r.info.run_id not in before]
     folder = _artifact_folder(run)
     assert sorted(p.name for p in folder.iterdir()) == ["soup", "soup.png"]  # no staging folder left
     (version,) = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")
@@ -110,12 +77,12 @@ def test_a_full_disk_while_writing_the_soup_leaves_no_run_and_no_model(cli, monk
 
         monkeypatch.setattr(registry, "_local_artifact_dir", lambda: None)
         monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", full_disk)
-    before = {r.info.run_id for r in _soup_runs(3)}
-    line = _one_error(cli(*AVERAGE, "--register-as", "soup", "--alias", "candidate", code=1))
+    before = {r.info.run_id for r in soup_runs(3)}
+    line = one_error(cli(*AVERAGE, "--register-as", "soup", "--alias", "candidate", code=1))
     assert "No space left on device" in line and "deleted the soup run" in line
     assert "nothing was registered" in line and "failed" not in line.split(";", 1)[1]  # clean-up went well
     assert MlflowClient().search_registered_models() == []
-    (left,) = [r for r in _soup_runs(3) if r.info.run_id not in before]
+    (left,) = [r for r in soup_runs(3) if r.info.run_id not in before]
     assert left.info.lifecycle_stage == "deleted" and left.data.tags["mlflow_ema.incomplete"] == "true"
     folder = _artifact_folder(left)
     assert not list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.partial"))
