@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from mlflow_ema.checkpoint import WeightsReader
+from mlflow_ema.workers import Job, Worker
 
 _CHUNK = 1 << 20  # bytes read at a time to fill a gap
 # Hashing threads: sha256 runs at about 1.2 GB/s a core; beyond a few, reading is the limit.
@@ -72,22 +72,22 @@ class DigestWorkers:
     ranges arrive in the order they were read; :meth:`submit` sends one batch per worker."""
 
     def __init__(self, workers: int = _WORKERS) -> None:
-        self._pools = [ThreadPoolExecutor(1, thread_name_prefix="mlflow-ema-sha256") for _ in range(workers)]
+        self._workers = [Worker() for _ in range(workers)]
 
     def __len__(self) -> int:
-        return len(self._pools)
+        return len(self._workers)
 
     def worker_of(self, member: int) -> int:
-        return member % len(self._pools)
+        return member % len(self._workers)
 
-    def submit(self, batches: list[list[tuple[FileDigest, int, memoryview]]]) -> list[Future]:
+    def submit(self, batches: list[list[tuple[FileDigest, int, memoryview]]]) -> list[Job]:
         """One job per worker: feed its ranges in order. The buffers must stay untouched
-        until the returned futures are done."""
-        return [self._pools[i].submit(_feed_all, batch) for i, batch in enumerate(batches) if batch]
+        until the returned jobs are done."""
+        return [self._workers[i].submit(_feed_all, batch) for i, batch in enumerate(batches) if batch]
 
     def close(self) -> None:
-        for pool in self._pools:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for worker in self._workers:
+            worker.close()
 
 
 def _feed_all(batch: list[tuple[FileDigest, int, memoryview]]) -> None:
@@ -117,7 +117,7 @@ class MemberReads:
         self._workers = DigestWorkers() if verify else None
         self._digests: list[dict[str, FileDigest]] = [{} for _ in readers]  # file name -> its digest
         self._ranges: list[list[list]] = [[] for _ in readers]  # [file, offset, start, length] read this turn
-        self._hashing: list[list[Future]] = [[] for _ in range(turns)]  # jobs hashing each buffer
+        self._hashing: list[list[Job]] = [[] for _ in range(turns)]  # jobs hashing each buffer
 
     def read(self, name: str, first: int, count: int, dtype: torch.dtype) -> list[torch.Tensor]:
         """Elements ``first`` to ``first + count`` of ``name``, from every member."""

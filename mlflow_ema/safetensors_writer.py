@@ -3,7 +3,8 @@
 ``safetensors.torch.save_file`` writes the file, and the manifest's sha256 then took a
 second pass reading it back. Here the file is written block by block, each block hashed on a
 worker thread while it is written (both release the GIL), so the digest costs no extra pass
-and little extra time. The bytes are those ``save_file`` writes (safetensors 0.4 to 0.8; a
+and little extra time (:class:`mlflow_ema.workers.Worker`: a plain thread, which still works
+while the interpreter exits, when the last checkpoints of a run are written). The bytes are those ``save_file`` writes (safetensors 0.4 to 0.8; a
 test compares them): the header is compact JSON with ``__metadata__`` first, then the
 tensors sorted by dtype in the library's order and by name, padded with spaces to a
 multiple of 8, and the data in the same order.
@@ -14,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mlflow_ema.workers import Worker
 
 # Torch dtype -> its safetensors name, in the order safetensors lays tensors out (the
 # reverse order of its Dtype enum), then by name.
@@ -55,16 +57,26 @@ def write_safetensors(
     raw += b" " * (-len(raw) % 8)
     prefix = struct.pack("<Q", len(raw)) + raw
     digest = hashlib.sha256(prefix)
-    with open(file, "xb") as f, ThreadPoolExecutor(1, thread_name_prefix="mlflow-ema-sha256") as hasher:
-        f.write(prefix)
-        for name in order:
-            data = _bytes_of(tensors[name])
-            for lo in range(0, len(data), _BLOCK):
-                block = data[lo : lo + _BLOCK]
-                hashed = hasher.submit(digest.update, block)
+    hasher = Worker()
+    try:
+        with open(file, "xb") as f:
+            f.write(prefix)
+            jobs = []
+            for block in _blocks(tensors, order):  # the tensors stay as they are: hashing may lag writing
+                jobs.append(hasher.submit(digest.update, block))
                 f.write(block)
-                hashed.result()
+        for job in jobs:
+            job.result()
+    finally:
+        hasher.close()
     return {"sha256": digest.hexdigest(), "bytes": len(prefix) + offset}
+
+
+def _blocks(tensors: Mapping[str, torch.Tensor], order: list[str]) -> Iterator[memoryview]:
+    for name in order:
+        data = _bytes_of(tensors[name])
+        for lo in range(0, len(data), _BLOCK):
+            yield data[lo : lo + _BLOCK]
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
