@@ -177,6 +177,7 @@ class Setup:
     batch_size: int = 128
     steps_per_epoch: int = 256  # a checkpoint every ~10 s of training here (see the docstring)
     epochs: int = 3
+    device: str = "cpu"  # "cuda": model, batches and EMA on the GPU (--device)
 
 
 def build_model(s: Setup) -> nn.Module:
@@ -185,7 +186,7 @@ def build_model(s: Setup) -> nn.Module:
     for _ in range(s.depth - 1):
         layers += [nn.Linear(s.hidden, s.hidden), nn.GELU()]
     layers.append(nn.Linear(s.hidden, s.classes))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(s.device)
 
 
 def build_data(s: Setup) -> TensorDataset:
@@ -242,7 +243,9 @@ class RunResult:
 def run_epoch(
     model: nn.Module, optimizer: Any, loader: DataLoader, ema: Any, result: RunResult
 ) -> tuple[int, float]:
-    """One epoch of the timed loop; returns its number of steps and its mean loss."""
+    """One epoch of the timed loop; returns its number of steps and its mean loss. On a GPU
+    ``loss.item()`` waits for the step's kernels, so a step's time is the GPU's too."""
+    device = next(model.parameters()).device
     it = iter(loader)
     times: list[float] = []
     loss_sum = 0.0
@@ -253,6 +256,7 @@ def run_epoch(
         except StopIteration:
             result.epoch_end_ms.append(1e3 * (time.perf_counter() - t0))
             break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -272,8 +276,9 @@ def train(s: Setup, dataset: TensorDataset, result: RunResult, arm: Arm) -> None
     model = build_model(s)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     loader = DataLoader(
-        dataset, batch_size=s.batch_size, shuffle=True, generator=torch.Generator().manual_seed(SEED)
-    )
+        dataset, batch_size=s.batch_size, shuffle=True, generator=torch.Generator().manual_seed(SEED),
+        pin_memory=s.device == "cuda",
+    )  # fmt: skip
     step = 0
     threads_start, faults_start = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -345,6 +350,7 @@ def warm_up(s: Setup, dataset: TensorDataset, steps: int) -> None:
     done = 0
     while done < steps:
         for x, y in loader:
+            x, y = x.to(s.device), y.to(s.device)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
@@ -366,9 +372,11 @@ class IsolatedUpdate:
         self.ms.clear()
 
     def time(self) -> None:
+        _sync(self.model)
         start = time.perf_counter()
         for _ in range(ISOLATED_UPDATES):
             self.ema.update()
+        _sync(self.model)
         self.ms.append(1e3 * (time.perf_counter() - start) / ISOLATED_UPDATES)
 
 
@@ -853,6 +861,12 @@ def report(
 # -- main -------------------------------------------------------------------------------
 
 
+def _sync(model: nn.Module) -> None:
+    """Wait for the GPU's queued kernels (nothing to wait for on the CPU)."""
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -870,6 +884,7 @@ def parse_args() -> argparse.Namespace:
         "--update-every", type=int, default=None, metavar="N", help="add arm D: autolog(update_every=N)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model trains")
     parser.add_argument("--no-profile", action="store_true", help="skip the instrumented B run")
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's dynamic malloc thresholds (noisy)"
@@ -884,6 +899,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--steps must be more than {AFTER}")
     if args.update_every is not None and args.update_every < 2:
         parser.error("--update-every must be 2 or more")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     return args
 
 
@@ -902,13 +919,13 @@ def main() -> int:
     pin_malloc(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = Setup(batch_size=args.batch_size, steps_per_epoch=args.steps, epochs=args.epochs)
+    s = Setup(batch_size=args.batch_size, steps_per_epoch=args.steps, epochs=args.epochs, device=args.device)
     arms = [ARM_A, ARM_B, ARM_C]
     if args.update_every:
         arms.append(Arm(f"D autolog update_every={args.update_every}", "autolog", args.update_every))
     model = build_model(s)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device {s.device}; "
         f"mlflow {mlflow.__version__}; MLP {s.in_features}-{s.hidden}x{s.depth}-{s.classes}: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters in {len(list(model.parameters()))} "
         f"tensors; batch {s.batch_size}; {args.rounds} rounds of {len(arms)} runs ({', '.join(a.name for a in arms)}) "
