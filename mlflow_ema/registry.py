@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -63,37 +64,51 @@ class RegisteredSoup:
 
 def check_model_name(name: str, *, option: str = "registered-model name") -> None:
     """Refuse a registered-model name MLflow would refuse, before any work is done."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_name
-
-    try:
-        _validate_model_name(name)
-    except MlflowException as e:
-        raise RegistryError(f"invalid {option} {name!r}: {e.message}") from None
+    if not name or not name.strip() or any(c in name for c in "/:"):
+        raise RegistryError(f"invalid {option} {name!r}: names may not be empty or contain '/' or ':'")
+    _mlflow_check(("_validate_model_name",), name, option)
 
 
 def check_alias(alias: str, *, option: str = "--alias", reserved: bool = True) -> None:
-    """Refuse an alias MLflow would refuse (characters, length; ``latest`` and ``v<digits>``
-    are reserved), before any work is done."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
-
-    try:
-        _validate_model_alias_name(alias)
-        if reserved:
-            _validate_model_alias_name_reserved(alias)
-    except MlflowException as e:
-        raise RegistryError(f"invalid {option} {alias!r}: {e.message}") from None
+    """Refuse an alias MLflow refuses (the rules its registry documents: letters, digits,
+    ``_`` and ``-``, at most 255 characters; ``latest`` and ``v<digits>`` reserved), before
+    any work is done."""
+    if not _ALIAS.fullmatch(alias or "") or len(alias) > 255:
+        raise RegistryError(
+            f"invalid {option} {alias!r}: aliases may only contain letters, digits, underscores (_) "
+            "and dashes (-), at most 255 of them"
+        )
+    if reserved and (alias.lower() == "latest" or _VERSION_ALIAS.fullmatch(alias)):
+        raise RegistryError(
+            f"invalid {option} {alias!r}: 'latest' and version aliases (v1, v2...) are reserved"
+        )
 
 
 def check_metric_name(metric: str, *, option: str) -> None:
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_metric_name
+    if not metric or not metric.strip():
+        raise RegistryError(f"invalid {option} {metric!r}: the metric name is empty")
+    _mlflow_check(("_validate_metric_name",), metric, option)
 
-    try:
-        _validate_metric_name(metric)
-    except MlflowException as e:
-        raise RegistryError(f"invalid {option} {metric!r}: {e.message}") from None
+
+_ALIAS = re.compile(r"[\w\-]+")
+_VERSION_ALIAS = re.compile(r"[vV]\d+")
+
+
+def _mlflow_check(validators: tuple[str, ...], value: str, option: str) -> None:
+    """MLflow's own check of ``value`` as well, where this MLflow version has it: those
+    validators are private and renamed between releases (3.18 renamed the alias ones)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    for name in validators:
+        check = getattr(validation, name, None)
+        if check is None:
+            continue
+        try:
+            check(value)
+        except MlflowException as e:
+            raise RegistryError(f"invalid {option} {value!r}: {e.message}") from None
+        return
 
 
 SOUP_EXPERIMENT_SUFFIX = "-soups"
