@@ -495,6 +495,12 @@ def test_the_script_rebuilds_the_committed_checkpoints_byte_for_byte(tmp_path):
 # -- MLflow schema -------------------------------------------------------------------------------------
 
 
+def main_cli():
+    from mlflow_ema.cli import main
+
+    return main
+
+
 def _alembic(uri: str):
     from mlflow.store.db.utils import _get_alembic_config
 
@@ -548,10 +554,10 @@ def test_a_genuinely_older_schema_works_or_names_the_upgrade_command(source, tmp
 
 @pytest.mark.parametrize("source", STORES, ids=lambda p: p.name)
 def test_a_store_recorded_at_another_schema_revision_fails_in_one_line(source, tmp_path, monkeypatch):
-    """MLflow refuses a store whose recorded revision is not its head (when no table is
-    missing, which is how a newer MLflow that only adds columns sees an older store). The
-    CLI says what to do: `mlflow db upgrade <the store's URI>`, or, for a revision this
-    MLflow does not know, upgrade MLflow."""
+    """A store whose recorded revision is older than MLflow's head, no table missing (how a
+    newer MLflow that only adds columns sees an older store): MLflow 3.17 refuses it, and the
+    CLI says what to do (`mlflow db upgrade <the store's URI>`); MLflow 3.18 migrates it when
+    it opens it. A revision this MLflow does not know: upgrade MLflow."""
     from alembic import command
     from alembic.script import ScriptDirectory
 
@@ -564,17 +570,24 @@ def test_a_store_recorded_at_another_schema_revision_fails_in_one_line(source, t
     previous = ScriptDirectory.from_config(_alembic("")).get_revision(head).down_revision
     command.stamp(_alembic(uri_of(copy)), previous)  # the tables stay; the recorded revision is older
 
-    line = one_error_line(cli("ls", "-e", "sweep", code=1))
     uri = uri_of(copy)
-    assert line == (
-        f"mlflow-ema: error: the MLflow store {uri} has an older schema (revision {previous}, this MLflow "
-        f"{mlflow.__version__} needs {head}); back it up, then run: mlflow db upgrade {uri}"
-    )
+    result = CliRunner().invoke(main_cli(), ["ls", "-e", "sweep"])
+    if result.exit_code == 0:  # MLflow >= 3.18 migrates an older sqlite store when it opens it
+        assert mf.schema_revision(copy / "mlflow.db") == head and "good-a" in result.output
+    else:  # MLflow 3.17 refuses it: the CLI says what to run
+        assert one_error_line(result.output) == (
+            f"mlflow-ema: error: the MLflow store {uri} has an older schema (revision {previous}, this MLflow "
+            f"{mlflow.__version__} needs {head}); back it up, then run: mlflow db upgrade {uri}"
+        )
 
     with sqlite3.connect(copy / "mlflow.db") as db:  # as a newer MLflow would have left it
         db.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
     db.close()
-    line = one_error_line(cli("ls", "-e", "sweep", code=1))
-    assert f"the MLflow store {uri} has schema revision ffffffffffff, unknown to this MLflow" in line
-    assert line.endswith("written by a newer MLflow; upgrade MLflow") and "mlflow db upgrade" not in line
+    result = CliRunner().invoke(main_cli(), ["ls", "-e", "sweep"])
+    if result.exit_code != 0:  # MLflow 3.17 refuses it; 3.18 opens it as it is
+        line = one_error_line(result.output)
+        assert f"the MLflow store {uri} has schema revision ffffffffffff, unknown to this MLflow" in line
+        assert line.endswith("written by a newer MLflow; upgrade MLflow") and "mlflow db upgrade" not in line
+    else:
+        assert "good-a" in result.output  # ranked as usual
     mlflow.set_tracking_uri(None)
