@@ -41,6 +41,11 @@ def write_safetensors(
 ) -> dict[str, Any]:
     """Write contiguous CPU ``tensors`` (no two sharing memory) to a new ``file`` as
     safetensors; returns ``{"sha256": hex, "bytes": size}`` of what was written."""
+    for name, t in tensors.items():
+        if t.dtype not in _RANK:
+            raise TypeError(
+                f"{name!r} is {str(t.dtype).removeprefix('torch.')}, which safetensors cannot store"
+            )
     order = sorted(tensors, key=lambda name: (_RANK[tensors[name].dtype], name))
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0

@@ -245,3 +245,6 @@ def test_the_writer_writes_the_bytes_save_file_writes_and_their_sha256(tmp_path,
     )
     with pytest.raises(FileExistsError):  # never overwrites
         safetensors_writer.write_safetensors(tmp_path / "ours-None", tensors)
+    with pytest.raises(TypeError, match="'c' is complex128, which safetensors cannot store"):
+        save_checkpoint(tmp_path / "c128", {"c": torch.zeros(2, dtype=torch.complex128)}, kind="raw")
+    assert not (tmp_path / "c128").exists()
