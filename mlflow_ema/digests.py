@@ -33,7 +33,6 @@ class FileDigest:
         self.file = file
         self.position = 0  # bytes [0, position) are hashed
         self._sha = hashlib.sha256()
-        self._fd: int | None = None
 
     def feed(self, offset: int, data: memoryview) -> None:
         end = offset + len(data)
@@ -46,25 +45,24 @@ class FileDigest:
 
     def hexdigest(self) -> str:
         """The digest of the whole file (the rest is read from it), once fed."""
-        try:
-            self._read_until(None)
-        finally:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        self._read_until(None)
         return self._sha.hexdigest()
 
     def _read_until(self, end: int | None) -> None:
-        """Hash the file's bytes from ``position`` to ``end`` (None: its end)."""
-        if self._fd is None:
-            self._fd = os.open(self.file, os.O_RDONLY)
-        while end is None or self.position < end:
-            size = _CHUNK if end is None else min(_CHUNK, end - self.position)
-            data = os.pread(self._fd, size, self.position)
-            if not data:
-                return
-            self._sha.update(data)
-            self.position += len(data)
+        """Hash the file's bytes from ``position`` to ``end`` (None: its end). The file is
+        opened for this read only: a digest per member file waits for the end, and holding
+        each one's file open would take a descriptor per file of every member."""
+        fd = os.open(self.file, os.O_RDONLY)
+        try:
+            while end is None or self.position < end:
+                size = _CHUNK if end is None else min(_CHUNK, end - self.position)
+                data = os.pread(fd, size, self.position)
+                if not data:
+                    return
+                self._sha.update(data)
+                self.position += len(data)
+        finally:
+            os.close(fd)
 
 
 class DigestWorkers:
