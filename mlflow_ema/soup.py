@@ -9,8 +9,8 @@ the output in the inputs' dtype (or ``dtype``). Memory therefore grows with the 
 checkpoint (the output) and a few MiB a member. Integer tensors (``num_batches_tracked``)
 are taken from the first, best-ranked member, never divided.
 
-Before any arithmetic every member is checked: every file's size (and the sha256 of the
-files not averaged: a sharded member's index, a training state), a sharded member's index
+Before any arithmetic every member is checked: every file's size (and the sha256 of a
+sharded member's index; a training state is not read, so not hashed), a sharded member's index
 against its shards, the same tensor names, shapes and dtypes, the same init fingerprint
 (runs that did not start from the same weights average to garbage;
 ``allow_different_init`` overrides) and finite weights. The weight files' sha256 are
@@ -33,6 +33,7 @@ import torch
 from mlflow_ema.checkpoint import (
     _DTYPES,
     DEFAULT_MAX_SHARD_SIZE,
+    INDEX_FILE,
     Manifest,
     WeightsReader,
     _finite,
@@ -142,7 +143,7 @@ def average(
         out = _stream(members, manifests, weights, accumulate, dtype, verify, progress)
     except (CheckpointError, AveragingError):
         if verify:  # a corrupt file reads as garbage: its checksum is the error to report
-            _check_files(members, manifests, weight_files_only=True)
+            _check_files(members, manifests, lambda manifest, name: name in weight_files(manifest))
         raise
     for alias, target in manifests[0].aliases.items():
         out[alias] = out[target]
@@ -150,19 +151,20 @@ def average(
 
 
 def _check_before_reading(members: Sequence[Member], manifests: list[Manifest]) -> None:
-    """Every file's size, and the sha256 of the files the averaging does not read whole
-    (a sharded member's index, a training state), in parallel."""
+    """Every file's size, and the sha256 of a sharded member's index (read whole before the
+    weights), in parallel. A training state is not read here, so not hashed."""
     jobs = [(m, name, expected) for m, manifest in zip(members, manifests, strict=True)
             for name, expected in manifest.files.items()]  # fmt: skip
     parallel_map(lambda job: _as_member(job[0], check_size, job[0].path / job[1], job[2]), jobs)
-    _check_files(members, manifests, weight_files_only=False)
+    _check_files(members, manifests, lambda manifest, name: name == INDEX_FILE)
 
 
-def _check_files(members: Sequence[Member], manifests: list[Manifest], *, weight_files_only: bool) -> None:
-    """The sha256 of the members' weight files (``weight_files_only``) or of their other files."""
+def _check_files(
+    members: Sequence[Member], manifests: list[Manifest], wanted: Callable[[Manifest, str], bool]
+) -> None:
+    """The sha256 of the members' files that ``wanted(manifest, name)`` names, in parallel."""
     jobs = [(m, name, expected) for m, manifest in zip(members, manifests, strict=True)
-            for name, expected in manifest.files.items()
-            if (name in weight_files(manifest)) == weight_files_only]  # fmt: skip
+            for name, expected in manifest.files.items() if wanted(manifest, name)]  # fmt: skip
     parallel_map(lambda job: _as_member(job[0], check_file, job[0].path / job[1], job[2]), jobs)
 
 

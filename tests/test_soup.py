@@ -181,3 +181,19 @@ def test_average_checkpoints_names_members_by_label_and_reports_progress(tmp_pat
         mlflow_ema.average_checkpoints(paths, labels=["first", "second"])
     with pytest.raises(mlflow_ema.AveragingError, match="1 labels for 2 checkpoints"):
         mlflow_ema.average_checkpoints(paths, labels=["first"])
+
+
+def test_a_training_state_is_not_read_so_not_hashed_but_an_index_is(tmp_path):
+    """Averaging reads the weights and a sharded member's index; a member's training state
+    (optimizer moments: often twice the weights) is only size-checked."""
+    state = {"w": torch.ones(40), "v": torch.zeros(40)}
+    for i in range(2):
+        save_checkpoint(tmp_path / f"m{i}", state, kind="raw", init_fingerprint="same",
+                        training_state={"step": i, "m": torch.ones(40)}, max_shard_size=200)  # fmt: skip
+    paths = [tmp_path / "m0", tmp_path / "m1"]
+    _flip_byte(paths[1] / "training_state.pt", 100)
+    assert torch.equal(mlflow_ema.average_checkpoints(paths)["w"], torch.ones(40))
+    index = paths[1] / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace('"total_size"', '"total_sizE"'))
+    with pytest.raises(mlflow_ema.ChecksumMismatchError, match="model.safetensors.index.json sha256"):
+        mlflow_ema.average_checkpoints(paths)
