@@ -28,6 +28,14 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_experiment_id(monkeypatch):
+    """``mlflow.set_experiment`` exports MLFLOW_EXPERIMENT_ID for subprocesses, and a module's
+    fixture that called it would hand its store's id to a later test's subprocess, on a store
+    where it does not exist: every test starts without it (put back after)."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store in a temporary working directory, and a fresh
@@ -38,6 +46,9 @@ def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    # set_experiment also exports MLFLOW_EXPERIMENT_ID to the environment (for subprocesses):
+    # monkeypatch puts the variable back as it was after the test
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_experiment(experiment_id="0")  # forget the experiment a previous test set
     _SESSION.reset()
     yield uri
@@ -127,11 +138,11 @@ def small_sweep(tmp_path_factory, digits):
 
     folder = tmp_path_factory.mktemp("small-sweep")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    previous = Path.cwd()
+    previous, previous_id = Path.cwd(), os.environ.get("MLFLOW_EXPERIMENT_ID")
     os.chdir(folder)
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment("sweep")
+        mlflow.set_experiment("sweep")  # exports MLFLOW_EXPERIMENT_ID: restored below
         for name, lr in (("a", 0.1), ("b", 0.05)):
             model = make_net(hidden=16)
             opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -143,4 +154,8 @@ def small_sweep(tmp_path_factory, digits):
     finally:
         os.chdir(previous)
         mlflow.set_tracking_uri(None)
+        if previous_id is None:  # a later test's subprocess would inherit this store's experiment id
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = previous_id
     return folder, uri
