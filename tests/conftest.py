@@ -28,14 +28,6 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
 
 
-@pytest.fixture(autouse=True)
-def _no_inherited_experiment_id(monkeypatch):
-    """``mlflow.set_experiment`` exports MLFLOW_EXPERIMENT_ID for subprocesses, and a module's
-    fixture that called it would hand its store's id to a later test's subprocess, on a store
-    where it does not exist: every test starts without it (put back after)."""
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-
-
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store in a temporary working directory, and a fresh
@@ -46,9 +38,6 @@ def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    # set_experiment also exports MLFLOW_EXPERIMENT_ID to the environment (for subprocesses):
-    # monkeypatch puts the variable back as it was after the test
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_experiment(experiment_id="0")  # forget the experiment a previous test set
     _SESSION.reset()
     yield uri

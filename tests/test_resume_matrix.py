@@ -24,7 +24,7 @@ SCRIPT = Path(__file__).parent / "train_schedulers.py"
 
 def phase(mode: str, out: Path, store: Path, cases: list[str]) -> subprocess.Popen:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"},  # another store's id
         "PYTHONPATH": str(Path(__file__).parent),
         "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
         "OMP_NUM_THREADS": "1",
