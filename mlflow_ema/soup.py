@@ -90,9 +90,7 @@ def check_members(
         raise AveragingError("nothing to average: no checkpoints were selected")
     manifests = [_as_member(m, read_manifest, m.path) for m in members]
     if verify:  # every file of every member, shards included, in parallel; errors in rank order
-        files = [(m, name, expected) for m, manifest in zip(members, manifests, strict=True)
-                 for name, expected in manifest.files.items()]  # fmt: skip
-        parallel_map(lambda job: _as_member(job[0], check_file, job[0].path / job[1], job[2]), files)
+        _check_files(members, manifests, lambda manifest, name: True)
     for member, manifest in zip(members, manifests, strict=True):
         if not manifest.all_finite:
             raise AveragingError(f"{member.name} has NaN or infinite weights")
